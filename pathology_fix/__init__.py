@@ -1,0 +1,13 @@
+"""pathology-fix: Metz et al. (ICML 2019) meta-training for learned_optimization.
+
+Importing this package applies the compatibility layer that makes
+learned-optimization 0.0.1 run on current JAX (see `compat`), then registers
+every gin configurable of the plugin, so `--gin_import=pathology_fix` is all a
+user of LO's own tools needs.
+"""
+
+from pathology_fix import compat
+
+compat.apply()
+
+__version__ = "0.1.0"

@@ -1,0 +1,240 @@
+"""Makes learned-optimization 0.0.1 (March 2022) import and run on current JAX.
+
+Applied once by `import pathology_fix`, before anything imports
+`learned_optimization` (LO). Nothing on disk is modified: removed names are
+restored as attributes, and packages LO imports but does not need for
+single-machine work get stand-ins that exist only while LO modules execute.
+
+| name LO uses                          | replacement                          | why |
+|---------------------------------------|--------------------------------------|-----|
+| jax.tree_map                          | jax.tree_util.tree_map               | removed in jax 0.6 |
+| jax.tree_multimap                     | jax.tree_util.tree_map               | removed in jax 0.3.16; tree_map takes several trees |
+| jax.tree_leaves / tree_flatten / tree_unflatten / tree_structure | jax.tree_util.* | removed in jax 0.6 |
+| jax.ShapedArray                       | jax.core.ShapedArray                 | top-level alias removed |
+| jax.lib.xla_client.Device             | jax.Device                           | xla_client no longer exposed; LO evaluates it in annotations at import |
+| numpy.product                         | numpy.prod                           | removed in numpy 2.0 |
+| flax orbax checkpoint default         | flax_use_orbax_checkpointing=False   | LO's checkpoints.load_state opens `params_N` as a file |
+| tensorflow, tensorflow.compat.v2, tensorflow_datasets | stand-in while LO modules execute | imported at module level by summary.py and tasks/datasets; only used inside functions |
+| flax.metrics.tensorboard              | `pathology_fix.tensorboard_writer`   | needs TF and tensorboard; summaries go through tensorboardX instead |
+| courier (dm-launchpad)                | `pathology_fix.inprocess_courier` while LO modules execute | no build for this Python; LO's learner/worker servers then run as threads of one process |
+
+Stand-ins are visible only while an LO module executes: a global fake
+`tensorflow` in sys.modules breaks flax.io and etils, which probe for it.
+Using a stand-in (e.g. `tfds.load`) raises `MissingDependencyError`, which says
+what to install. When the real package is installed it is used instead.
+"""
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import threading
+import types
+
+import jax
+import jax.core
+import jax.lib
+import jax.tree_util
+import numpy as np
+
+_INSTALL_HINTS = {
+    "tensorflow":
+        "pip install tensorflow-cpu tensorflow-datasets (needed only for LO's "
+        "tfds datasets and TF summary writer)",
+    "tensorflow_datasets":
+        "pip install tensorflow-cpu tensorflow-datasets (LO's image and text "
+        "tasks load data with tfds; offline data is in pathology_fix.data)",
+}
+# Called by LO at import time; harmless to skip without TensorFlow.
+_NO_OP_ATTRIBUTES = {"enable_v2_behavior"}
+
+
+class MissingDependencyError(ImportError):
+  """Raised when LO reaches a code path that needs an uninstalled package."""
+
+
+class _Placeholder:
+  """Any attribute of a stand-in package: usable in annotations, fails if used."""
+
+  def __init__(self, package, path):
+    self._package = package
+    self._path = path
+
+  def __getattr__(self, name):
+    if name.startswith("__"):
+      raise AttributeError(name)
+    return _Placeholder(self._package, f"{self._path}.{name}")
+
+  def __call__(self, *args, **kwargs):
+    raise MissingDependencyError(
+        f"`{self._path}` needs the package `{self._package}`, which is not "
+        f"installed. To use it: {_INSTALL_HINTS[self._package]}.")
+
+  def __repr__(self):
+    return f"<missing {self._path}>"
+
+
+class _StandInModule(types.ModuleType):
+  """A module whose every attribute is a placeholder."""
+
+  def __init__(self, name, package):
+    super().__init__(name)
+    self.__dict__["_package"] = package
+    self.__dict__["__path__"] = []  # lets `import tensorflow.compat.v2` resolve
+
+  def __getattr__(self, name):
+    if name.startswith("__"):
+      raise AttributeError(name)
+    if name in _NO_OP_ATTRIBUTES:
+      return lambda *args, **kwargs: None
+    return _Placeholder(self._package, f"{self.__name__}.{name}")
+
+
+def _is_installed(package):
+  try:
+    return importlib.util.find_spec(package) is not None
+  except (ImportError, ValueError):
+    return False
+
+
+def _make_stand_ins():
+  """Modules to expose while LO executes, for packages that are absent."""
+  modules = {}
+  if not _is_installed("tensorflow"):
+    tf = _StandInModule("tensorflow", "tensorflow")
+    tf_compat = _StandInModule("tensorflow.compat", "tensorflow")
+    tf_v2 = _StandInModule("tensorflow.compat.v2", "tensorflow")
+    tf.__dict__["compat"] = tf_compat
+    tf_compat.__dict__["v2"] = tf_v2
+    modules.update({
+        "tensorflow": tf,
+        "tensorflow.compat": tf_compat,
+        "tensorflow.compat.v2": tf_v2,
+    })
+  if not _is_installed("tensorflow") or not _is_installed("tensorboard"):
+    from pathology_fix import tensorboard_writer  # pylint: disable=g-import-not-at-top
+    modules["flax.metrics.tensorboard"] = tensorboard_writer
+  if not _is_installed("tensorflow_datasets"):
+    modules["tensorflow_datasets"] = _StandInModule("tensorflow_datasets",
+                                                    "tensorflow_datasets")
+  if not _is_installed("courier"):
+    from pathology_fix import inprocess_courier  # pylint: disable=g-import-not-at-top
+    modules["courier"] = inprocess_courier
+  return modules
+
+
+class _StandInScope:
+  """Puts stand-ins in sys.modules while (possibly nested) LO modules execute."""
+
+  def __init__(self, stand_ins):
+    self._stand_ins = stand_ins
+    self._depth = 0
+    self._saved = {}
+    self._lock = threading.RLock()
+
+  def __enter__(self):
+    self._lock.acquire()
+    if self._depth == 0:
+      for name, module in self._stand_ins.items():
+        self._saved[name] = sys.modules.get(name)
+        sys.modules[name] = module
+    self._depth += 1
+
+  def __exit__(self, *exc):
+    self._depth -= 1
+    if self._depth == 0:
+      for name, previous in self._saved.items():
+        if previous is None:
+          sys.modules.pop(name, None)
+        else:
+          sys.modules[name] = previous
+      self._saved = {}
+    self._lock.release()
+
+
+class _ScopedLoader(importlib.abc.Loader):
+  """Wraps LO's loader so that its modules execute inside the stand-in scope."""
+
+  def __init__(self, loader, scope):
+    self._loader = loader
+    self._scope = scope
+
+  def create_module(self, spec):
+    return self._loader.create_module(spec)
+
+  def exec_module(self, module):
+    with self._scope:
+      self._loader.exec_module(module)
+
+  def __getattr__(self, name):  # get_source, get_filename, ... for tools
+    return getattr(self._loader, name)
+
+
+class _LearnedOptimizationFinder(importlib.abc.MetaPathFinder):
+  """Finds `learned_optimization.*` normally, then scopes its execution."""
+
+  def __init__(self, scope):
+    self._scope = scope
+
+  def find_spec(self, fullname, path, target=None):
+    if fullname != "learned_optimization" and not fullname.startswith(
+        "learned_optimization."):
+      return None
+    spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+    if spec is not None and spec.loader is not None:
+      spec.loader = _ScopedLoader(spec.loader, self._scope)
+    return spec
+
+
+def _restore_removed_names():
+  tree_util = jax.tree_util
+  restored = {
+      "tree_map": tree_util.tree_map,
+      "tree_multimap": tree_util.tree_map,
+      "tree_leaves": tree_util.tree_leaves,
+      "tree_flatten": tree_util.tree_flatten,
+      "tree_unflatten": tree_util.tree_unflatten,
+      "tree_structure": tree_util.tree_structure,
+      "ShapedArray": jax.core.ShapedArray,
+  }
+  for name, value in restored.items():
+    if name not in jax.__dict__:
+      setattr(jax, name, value)
+  if "xla_client" not in jax.lib.__dict__:
+    xla_client = types.ModuleType("jax.lib.xla_client")
+    xla_client.Device = jax.Device
+    jax.lib.xla_client = xla_client
+  if "product" not in np.__dict__:
+    np.product = np.prod
+
+
+def _use_file_checkpoints():
+  import flax  # pylint: disable=g-import-not-at-top
+  try:
+    flax.config.update("flax_use_orbax_checkpointing", False)
+  except (AttributeError, KeyError):  # older flax: files are the default
+    pass
+
+
+_applied = False
+
+
+def apply():
+  """Applies the compatibility layer; idempotent."""
+  global _applied
+  if _applied:
+    return
+  if any(name == "learned_optimization" or name.startswith(
+      "learned_optimization.") for name in sys.modules):
+    raise ImportError(
+        "learned_optimization was imported before pathology_fix; import "
+        "pathology_fix first (or pass --gin_import=pathology_fix) so that its "
+        "compatibility layer can be applied.")
+  _restore_removed_names()
+  _use_file_checkpoints()
+  # Imported before the scope exists so they see the real environment.
+  import flax.serialization  # pylint: disable=g-import-not-at-top,unused-import
+  import flax.training.checkpoints  # pylint: disable=g-import-not-at-top,unused-import
+  scope = _StandInScope(_make_stand_ins())
+  sys.meta_path.insert(0, _LearnedOptimizationFinder(scope))
+  _applied = True

@@ -1,0 +1,138 @@
+"""Truncation-length curriculum (Metz et al. 2019, Sec. 4.4).
+
+The number of inner steps per truncation grows linearly over outer training,
+
+  mean(t) = k_min + (k_max - k_min) * min(t / num_iterations, 1),
+
+and every draw is jittered by a factor ``u ~ U(0.8, 1.2)``. Inner steps run in
+jitted chunks of ``steps_per_jit``, so a draw is rounded to a multiple of it,
+then clipped to the steps left in the current inner run.
+
+This runs at Python level once per outer step: plain Python and NumPy only.
+"""
+
+import math
+from typing import Optional, Tuple
+
+import numpy as np
+
+
+def _is_int(x) -> bool:
+  return (isinstance(x, (int, np.integer)) and not isinstance(x, bool)) or (
+      isinstance(x, (float, np.floating)) and math.isfinite(x) and
+      float(x).is_integer())
+
+
+def validate_curriculum(k_min: float, k_max: float, num_iterations: int,
+                        steps_per_jit: int) -> None:
+  """Checks a curriculum configuration.
+
+  Args:
+    k_min: mean truncation length at outer iteration 0, ``>= 1``.
+    k_max: mean truncation length from ``num_iterations`` on, ``>= k_min``.
+    num_iterations: outer iterations over which the mean grows, ``>= 1``.
+    steps_per_jit: inner steps per jitted chunk, an integer ``>= 1``.
+
+  Raises:
+    ValueError: naming the offending parameter and its allowed range.
+  """
+  if not (isinstance(k_min, (int, float, np.integer, np.floating)) and
+          k_min >= 1):
+    raise ValueError(f"k_min ({k_min!r}) must be >= 1")
+  if not (isinstance(k_max, (int, float, np.integer, np.floating)) and
+          math.isfinite(k_max)):
+    raise ValueError(f"k_max ({k_max!r}) must be a finite number >= k_min")
+  if k_min > k_max:
+    raise ValueError(f"k_min ({k_min!r}) must be <= k_max ({k_max!r})")
+  if not (_is_int(num_iterations) and num_iterations >= 1):
+    raise ValueError(
+        f"num_iterations ({num_iterations!r}) must be an integer >= 1")
+  if not (_is_int(steps_per_jit) and steps_per_jit >= 1):
+    raise ValueError(
+        f"steps_per_jit ({steps_per_jit!r}) must be an integer >= 1")
+
+
+def check_unroll_length(unroll_length: int, steps_per_jit: int) -> None:
+  """Checks that a fixed unroll length is made of whole jitted chunks.
+
+  Raises:
+    ValueError: unless ``unroll_length`` is a positive integer multiple of
+      ``steps_per_jit`` (itself a positive integer).
+  """
+  if not (_is_int(steps_per_jit) and steps_per_jit >= 1):
+    raise ValueError(
+        f"steps_per_jit ({steps_per_jit!r}) must be an integer >= 1")
+  if not (_is_int(unroll_length) and unroll_length >= 1 and
+          int(unroll_length) % int(steps_per_jit) == 0):
+    raise ValueError(
+        f"unroll_length ({unroll_length!r}) must be a positive multiple of "
+        f"steps_per_jit ({steps_per_jit!r})")
+
+
+def curriculum_mean(outer_iteration: int, k_min: float, k_max: float,
+                    num_iterations: int) -> float:
+  """Mean truncation length at an outer iteration.
+
+    mean(t) = k_min + (k_max - k_min) * min(t / num_iterations, 1)
+
+  Args:
+    outer_iteration: ``t >= 0``.
+    k_min, k_max, num_iterations: see ``validate_curriculum``.
+
+  Returns:
+    The mean as a Python float: ``k_min`` at 0, ``k_max`` from
+    ``num_iterations`` on.
+  """
+  if outer_iteration < 0:
+    raise ValueError(f"outer_iteration ({outer_iteration!r}) must be >= 0")
+  if num_iterations < 1:
+    raise ValueError(
+        f"num_iterations ({num_iterations!r}) must be an integer >= 1")
+  frac = min(float(outer_iteration) / float(num_iterations), 1.0)
+  return float(k_min) + (float(k_max) - float(k_min)) * frac
+
+
+def sample_truncation_length(rng: np.random.Generator,
+                             outer_iteration: int,
+                             k_min: float,
+                             k_max: float,
+                             num_iterations: int,
+                             steps_per_jit: int,
+                             steps_left: Optional[int] = None,
+                             jitter: Tuple[float, float] = (0.8, 1.2)) -> int:
+  """Draws the number of inner steps for the next truncation.
+
+    k = steps_per_jit * max(1, round(mean(t) * u / steps_per_jit)),
+    u ~ U(jitter[0], jitter[1]);  then  k = min(k, steps_left).
+
+  The clip to ``steps_left`` wins over the rounding: the inner run ends there,
+  so the last truncation of a run may not be a multiple of ``steps_per_jit``.
+
+  Args:
+    rng: NumPy ``Generator`` (the only source of randomness).
+    outer_iteration: ``t >= 0``.
+    k_min, k_max, num_iterations, steps_per_jit: see ``validate_curriculum``.
+    steps_left: inner steps left in the current inner run (``>= 1``), or None
+      for no clip.
+    jitter: ``(low, high)`` with ``0 < low <= high``.
+
+  Returns:
+    A Python int ``>= 1``.
+  """
+  validate_curriculum(k_min, k_max, num_iterations, steps_per_jit)
+  low, high = (float(j) for j in jitter)
+  if not (0.0 < low <= high and math.isfinite(high)):
+    raise ValueError(f"jitter ({jitter!r}) must satisfy 0 < low <= high")
+  if steps_left is not None and steps_left < 1:
+    raise ValueError(
+        f"steps_left ({steps_left!r}) must be >= 1; reset the inner run "
+        "before drawing a truncation")
+  steps_per_jit = int(steps_per_jit)
+  target = curriculum_mean(outer_iteration, k_min, k_max, num_iterations)
+  target *= rng.uniform(low, high)
+  # Round half up (Python's round() is banker's rounding).
+  chunks = max(1, int(math.floor(target / steps_per_jit + 0.5)))
+  length = chunks * steps_per_jit
+  if steps_left is not None:
+    length = min(length, int(steps_left))
+  return int(length)

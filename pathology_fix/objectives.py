@@ -1,0 +1,68 @@
+"""Outer (meta) loss over a truncation: clipped mean of per-step losses.
+
+The released code of Metz et al. (2019) clips every inner step's loss at 10
+before averaging over the unrolled steps, so one diverging step cannot
+dominate the outer objective (and has zero gradient once clipped).
+"""
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+
+def validate_max_loss(max_loss: float) -> float:
+  """Checks the loss clip value; returns it as a Python float.
+
+  Raises:
+    ValueError: if ``max_loss`` is not a number > 0 (``inf`` means no clip).
+  """
+  try:
+    value = float(max_loss)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"max_loss must be > 0, got {max_loss!r}") from e
+  if math.isnan(value) or value <= 0.0:
+    raise ValueError(f"max_loss must be > 0, got {max_loss!r}")
+  return value
+
+
+def clipped_mean_loss(per_step_losses: jax.Array,
+                      mask: Optional[jax.Array] = None,
+                      max_loss: float = 10.0) -> jax.Array:
+  """Mean over steps of ``min(loss_t, max_loss)``, counting valid steps only.
+
+    out[...] = sum_t mask[t, ...] * min(loss[t, ...], max_loss)
+               / sum_t mask[t, ...]                (0 where the count is 0)
+
+  Steps with ``mask == False`` are zeroed before the sum, so any value there
+  (inf/NaN included) contributes nothing.
+
+  Args:
+    per_step_losses: array of shape ``[k, ...]`` (step axis first).
+    mask: None (all steps valid), or a boolean array of shape ``[k, ...]``, or
+      of shape ``[k]`` (applied to every trailing column).
+    max_loss: clip value, > 0 (a concrete value is validated; a traced one is
+      used as is).
+
+  Returns:
+    Array of shape ``[...]``.
+  """
+  if isinstance(max_loss, (int, float)):
+    validate_max_loss(max_loss)
+  losses = jnp.asarray(per_step_losses)
+  if losses.ndim < 1:
+    raise ValueError("per_step_losses must have a leading step axis")
+  clipped = jnp.minimum(losses, max_loss)
+  if mask is None:
+    mask = jnp.ones(losses.shape, dtype=bool)
+  mask = jnp.asarray(mask, dtype=bool)
+  if mask.shape == losses.shape[:1]:
+    mask = mask.reshape(mask.shape + (1,) * (losses.ndim - 1))
+  elif mask.shape != losses.shape:
+    raise ValueError(f"mask shape {mask.shape} must be {losses.shape} or "
+                     f"{losses.shape[:1]}")
+  mask = jnp.broadcast_to(mask, losses.shape)
+  total = jnp.sum(jnp.where(mask, clipped, 0), axis=0)
+  count = jnp.sum(mask, axis=0).astype(total.dtype)
+  return jnp.where(count > 0, total / jnp.maximum(count, 1), 0)

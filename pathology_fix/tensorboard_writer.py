@@ -1,0 +1,59 @@
+"""TensorBoard event files without TensorFlow.
+
+Same interface as `flax.metrics.tensorboard.SummaryWriter` (which LO's
+`summary.JaxboardWriter` is), written through tensorboardX, so that
+`tensorboard --logdir DIR` works on runs made without TensorFlow installed.
+"""
+
+import numpy as np
+
+
+class SummaryWriter:
+  """Writes scalars, histograms and text as TensorBoard event files."""
+
+  def __init__(self, log_dir, auto_flush=True):
+    try:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(
+          "Writing TensorBoard summaries without TensorFlow needs tensorboardX:"
+          " pip install tensorboardX") from e
+    self._writer = tensorboardX.SummaryWriter(logdir=log_dir)
+    self._auto_flush = auto_flush
+
+  def _maybe_flush(self):
+    if self._auto_flush:
+      self._writer.flush()
+
+  def scalar(self, tag, value, step):
+    self._writer.add_scalar(tag, float(np.asarray(value)), global_step=int(step))
+    self._maybe_flush()
+
+  def histogram(self, tag, values, step, bins=None):
+    values = np.asarray(values, dtype=np.float64).ravel()
+    values = values[np.isfinite(values)]
+    if values.size:
+      self._writer.add_histogram(
+          tag, values, global_step=int(step), bins=bins or "tensorflow")
+      self._maybe_flush()
+
+  def text(self, tag, textdata, step):
+    self._writer.add_text(tag, str(textdata), global_step=int(step))
+    self._maybe_flush()
+
+  def image(self, tag, image, step):
+    self._writer.add_image(
+        tag, np.asarray(image), global_step=int(step), dataformats="HWC")
+    self._maybe_flush()
+
+  def hparams(self, hparams):
+    self.text("hparams", repr(dict(hparams)), step=0)
+
+  def write(self, tag, tensor, step):
+    self.scalar(tag, tensor, step)
+
+  def flush(self):
+    self._writer.flush()
+
+  def close(self):
+    self._writer.close()
