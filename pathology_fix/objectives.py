@@ -6,7 +6,7 @@ dominate the outer objective (and has zero gradient once clipped).
 """
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -27,16 +27,18 @@ def validate_max_loss(max_loss: float) -> float:
   return value
 
 
-def clipped_mean_loss(per_step_losses: jax.Array,
-                      mask: Optional[jax.Array] = None,
-                      max_loss: float = 10.0) -> jax.Array:
-  """Mean over steps of ``min(loss_t, max_loss)``, counting valid steps only.
+def clipped_loss_sum_and_count(
+    per_step_losses: jax.Array,
+    mask: Optional[jax.Array] = None,
+    max_loss: float = 10.0) -> Tuple[jax.Array, jax.Array]:
+  """Sum over valid steps of ``min(loss_t, max_loss)``, and the step count.
 
-    out[...] = sum_t mask[t, ...] * min(loss[t, ...], max_loss)
-               / sum_t mask[t, ...]                (0 where the count is 0)
+    total[...] = sum_t mask[t, ...] * min(loss[t, ...], max_loss)
+    count[...] = sum_t mask[t, ...]
 
   Steps with ``mask == False`` are zeroed before the sum, so any value there
-  (inf/NaN included) contributes nothing.
+  (inf/NaN included) contributes nothing. Chunked unrolls add these sums over
+  chunks and divide once at the end.
 
   Args:
     per_step_losses: array of shape ``[k, ...]`` (step axis first).
@@ -46,7 +48,7 @@ def clipped_mean_loss(per_step_losses: jax.Array,
       used as is).
 
   Returns:
-    Array of shape ``[...]``.
+    ``(total, count)``, both of shape ``[...]`` and the losses' dtype.
   """
   if isinstance(max_loss, (int, float)):
     validate_max_loss(max_loss)
@@ -65,4 +67,20 @@ def clipped_mean_loss(per_step_losses: jax.Array,
   mask = jnp.broadcast_to(mask, losses.shape)
   total = jnp.sum(jnp.where(mask, clipped, 0), axis=0)
   count = jnp.sum(mask, axis=0).astype(total.dtype)
+  return total, count
+
+
+def clipped_mean_loss(per_step_losses: jax.Array,
+                      mask: Optional[jax.Array] = None,
+                      max_loss: float = 10.0) -> jax.Array:
+  """Mean over steps of ``min(loss_t, max_loss)``, counting valid steps only.
+
+    out[...] = total[...] / count[...]   (0 where the count is 0)
+
+  with ``total, count = clipped_loss_sum_and_count(...)``.
+
+  Returns:
+    Array of shape ``[...]`` for ``per_step_losses`` of shape ``[k, ...]``.
+  """
+  total, count = clipped_loss_sum_and_count(per_step_losses, mask, max_loss)
   return jnp.where(count > 0, total / jnp.maximum(count, 1), 0)

@@ -1,0 +1,223 @@
+"""Gradient estimators of the Gaussian-smoothed meta-objective (Metz et al. 2019).
+
+  L~(theta) = E_{eps ~ N(0, sigma^2 I)} [ L(theta + eps) ]
+
+Per outer step each of n samples draws eps_i and runs an antithetic pair of
+truncated unrolls (theta + eps_i, theta - eps_i) from its inner state, on the
+same data and inner randomness (`unroll.AntitheticUnroller`). From the same
+two unrolls:
+
+  RP sample  g_rp_i = grad_theta (L+_i + L-_i) / 2    (backprop through both)
+  ES sample  g_es_i = (L+_i - L-_i) / 2 * eps_i / sigma^2
+
+`HybridRPES` merges them per coordinate by inverse variance (`combine.py`);
+`VariationalRP` and `VariationalES` use one of them alone (the paper's
+ablations). All three are LO 0.0.1 `GradientEstimator`s with the framework's
+constructor arguments, so they drop into `build_gradient_estimators`.
+"""
+
+import functools
+from typing import Any, Mapping, Optional, Tuple
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from learned_optimization.outer_trainers import gradient_learner
+from pathology_fix import combine
+from pathology_fix import curriculum
+from pathology_fix import schedules
+from pathology_fix import unroll
+from pathology_fix import variational
+
+MODES = ("hybrid", "rp", "es")
+
+
+def _finite_mean(tree, mask):
+  mean, _, count = combine.masked_mean_and_variance(tree, mask)
+  return mean, count
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "variance_eps"))
+def combine_samples(losses, rp_pair_grads, eps, sigma, mode: str,
+                    variance_eps: float = 1e-8):
+  """Per-sample RP and ES gradients from one antithetic truncation, merged.
+
+  Args:
+    losses: [2, n] mean meta-losses of the theta+eps (row 0) and theta-eps
+      (row 1) unrolls.
+    rp_pair_grads: theta-shaped leaves [2, n, ...], dL[s, i]/dtheta (None for
+      mode "es").
+    eps: theta-shaped leaves [n, ...].
+    sigma: perturbation scale.
+    mode: "hybrid" (inverse-variance merge), "rp" or "es".
+    variance_eps: added to both per-coordinate variances.
+
+  Returns:
+    (gradient shaped like theta, dict of scalar diagnostics).
+  """
+  es = variational.es_gradient_sample(losses[0], losses[1], eps, sigma)
+  es_finite = combine.per_sample_finite(es)
+  if mode == "es":
+    grad, count = _finite_mean(es, es_finite)
+    diagnostics = {
+        "rp_weight_mean": jnp.zeros(()),
+        "es_nonfinite": es_finite.size - count,
+    }
+    return grad, diagnostics
+  rp = variational.rp_gradient_sample(
+      jax.tree_util.tree_map(lambda g: g[0], rp_pair_grads),
+      jax.tree_util.tree_map(lambda g: g[1], rp_pair_grads))
+  merged, diagnostics = combine.inverse_variance_merge(rp, es, variance_eps)
+  if mode == "rp":
+    rp_finite = combine.per_sample_finite(rp)
+    grad, count = _finite_mean(rp, rp_finite)
+    # Only finite samples count; with none the step is zero, never NaN.
+    grad = jax.tree_util.tree_map(lambda g: jnp.where(count > 0, g, 0), grad)
+    diagnostics = dict(diagnostics, rp_weight_mean=jnp.ones(()))
+    return grad, diagnostics
+  return merged, diagnostics
+
+
+class VariationalEstimator(gradient_learner.GradientEstimator):
+  """Shared body of HybridRPES / VariationalRP / VariationalES.
+
+  Constructor arguments follow LO's TruncatedPES/TruncatedGrad, plus:
+    sigma: std of the Gaussian smoothing (paper 0.1; released code 0.01).
+    truncation_length: a `schedules.TruncationLength` (e.g.
+      `LinearTruncationCurriculum`); None means `unroll_length` every step.
+    meta_loss_split: "train" or "outer_valid" (validation meta-objective).
+    meta_loss_evals: batches the validation meta-loss averages per step.
+    max_loss: each step's meta-loss is clipped at this value.
+    variance_eps: added to the per-coordinate variances of the merge.
+  """
+  mode: str = "hybrid"
+
+  def __init__(self,
+               task_family,
+               learned_opt,
+               trunc_sched,
+               num_tasks: int,
+               unroll_length: int = 20,
+               steps_per_jit: int = 10,
+               sigma: float = 0.1,
+               truncation_length: Optional[schedules.TruncationLength] = None,
+               meta_loss_split: str = "train",
+               meta_loss_evals: int = 1,
+               max_loss: float = 10.0,
+               random_initial_iteration_offset: int = 0,
+               variance_eps: float = 1e-8):
+    name = type(self).__name__
+    if int(num_tasks) < 2:
+      raise ValueError(
+          f"{name}.num_tasks ({num_tasks}) must be >= 2: the per-coordinate "
+          "variance over samples divides by n - 1")
+    self.sigma = variational.validate_sigma(sigma)
+    curriculum.check_unroll_length(unroll_length, steps_per_jit)
+    if truncation_length is None:
+      truncation_length = schedules.ConstantTruncationLength(unroll_length)
+    truncation_length.validate(steps_per_jit)
+    if meta_loss_split == "outer_valid" and task_family.datasets is None:
+      raise ValueError(
+          f"{name}.meta_loss_split='outer_valid' needs a task family with "
+          f"datasets; {task_family.name} has none (use 'train')")
+    if variance_eps <= 0:
+      raise ValueError(f"{name}.variance_eps ({variance_eps}) must be > 0")
+
+    self.task_family = task_family
+    self.learned_opt = learned_opt
+    self.trunc_sched = trunc_sched
+    self.num_tasks = int(num_tasks)
+    self.unroll_length = int(unroll_length)
+    self.steps_per_jit = int(steps_per_jit)
+    self.truncation_length = truncation_length
+    self.random_initial_iteration_offset = int(random_initial_iteration_offset)
+    self.variance_eps = float(variance_eps)
+    self.unroller = unroll.AntitheticUnroller(
+        task_family,
+        learned_opt,
+        trunc_sched,
+        num_samples=num_tasks,
+        steps_per_jit=steps_per_jit,
+        meta_loss_split=meta_loss_split,
+        meta_loss_evals=meta_loss_evals,
+        max_loss=max_loss)
+    self._sample_eps = jax.jit(
+        variational.sample_perturbations, static_argnames=("num_samples",))
+
+  def init_worker_state(self, worker_weights, key):
+    return self.unroller.init_state(worker_weights.theta,
+                                    worker_weights.outer_state, key,
+                                    self.random_initial_iteration_offset)
+
+  def draw_truncation_length(self, key, outer_iteration: int,
+                             steps_left: int) -> int:
+    seed = np.asarray(jax.random.randint(key, (2,), 0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    return self.truncation_length.sample(rng, int(outer_iteration),
+                                         self.steps_per_jit, steps_left)
+
+  def compute_gradient_estimate(
+      self,
+      worker_weights,
+      key,
+      state,
+      with_summary: Optional[bool] = False
+  ) -> Tuple[gradient_learner.GradientEstimatorOut, Mapping[str, jnp.ndarray]]:
+    del with_summary  # metrics are cheap and LO's in-graph summaries are off
+    theta = worker_weights.theta
+    outer_state = worker_weights.outer_state
+    key_reset, key_length, key_eps, key_unroll = jax.random.split(key, 4)
+
+    state = self.unroller.reset_finished(theta, state, outer_state, key_reset)
+    steps_left = int(self.unroller.steps_left(state).max())
+    k = self.draw_truncation_length(key_length, outer_state.outer_iteration,
+                                    steps_left)
+    eps = self._sample_eps(key_eps, theta, self.sigma, num_samples=self.num_tasks)
+    out = self.unroller.unroll(
+        theta, eps, state, key_unroll, k, with_rp_grads=self.mode != "es")
+    grad, diagnostics = combine_samples(
+        out.losses, out.rp_grads, eps, self.sigma, mode=self.mode,
+        variance_eps=self.variance_eps)
+    next_state = self.unroller.continue_from_positive(state, out)
+
+    pair_mean = jnp.mean(out.losses, axis=0)
+    finite = jnp.isfinite(pair_mean)
+    mean_loss = jnp.sum(jnp.where(finite, pair_mean, 0)) / jnp.maximum(
+        jnp.sum(finite), 1)
+    metrics = {f"mean||{name}": value for name, value in diagnostics.items()}
+    metrics["mean||truncation_length"] = jnp.asarray(k, jnp.float32)
+    metrics["mean||sigma"] = jnp.asarray(self.sigma, jnp.float32)
+    metrics["mean||meta_loss"] = mean_loss
+    metrics["mean||inner_runs_finished"] = jnp.mean(
+        self.unroller.finished(next_state).astype(jnp.float32))
+
+    unroll_info = gradient_learner.UnrollInfo(
+        loss=out.losses[:1],
+        iteration=next_state.inner_step[None],
+        task_param=jax.tree_util.tree_map(lambda x: x[None], state.task_param),
+        is_done=self.unroller.finished(next_state)[None])
+    return gradient_learner.GradientEstimatorOut(
+        mean_loss=mean_loss,
+        grad=grad,
+        unroll_state=next_state,
+        unroll_info=unroll_info), metrics
+
+
+@gin.configurable
+class HybridRPES(VariationalEstimator):
+  """The paper's estimator: RP and ES merged per coordinate by inverse variance."""
+  mode = "hybrid"
+
+
+@gin.configurable
+class VariationalRP(VariationalEstimator):
+  """Reparameterization (backprop through the perturbed unrolls) only."""
+  mode = "rp"
+
+
+@gin.configurable
+class VariationalES(VariationalEstimator):
+  """Antithetic evolution strategies only; no reverse pass is run."""
+  mode = "es"

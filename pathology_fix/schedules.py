@@ -1,0 +1,85 @@
+"""Truncation-length schedules: how many inner steps one truncation unrolls.
+
+LO's `TruncationSchedule` decides when an inner run ends (its total length);
+these decide the length k of each truncated unroll within it. Our estimators
+take one as `truncation_length`; the math lives in `curriculum.py`.
+"""
+
+from typing import Optional, Tuple
+
+import gin
+import numpy as np
+
+from pathology_fix import curriculum
+
+
+class TruncationLength:
+  """Interface: `sample(rng, outer_iteration, steps_per_jit, steps_left)`."""
+
+  def validate(self, steps_per_jit: int) -> None:
+    raise NotImplementedError
+
+  def sample(self, rng: np.random.Generator, outer_iteration: int,
+             steps_per_jit: int, steps_left: Optional[int]) -> int:
+    raise NotImplementedError
+
+
+@gin.configurable
+class ConstantTruncationLength(TruncationLength):
+  """k = `length` every outer step, clipped to the steps left in the run."""
+
+  def __init__(self, length: int):
+    self.length = length
+
+  def validate(self, steps_per_jit: int) -> None:
+    curriculum.check_unroll_length(self.length, steps_per_jit)
+
+  def sample(self, rng, outer_iteration, steps_per_jit, steps_left):
+    del rng, outer_iteration, steps_per_jit
+    if steps_left is None:
+      return int(self.length)
+    return int(min(self.length, steps_left))
+
+
+@gin.configurable
+class LinearTruncationCurriculum(TruncationLength):
+  """k grows linearly from k_min to k_max over num_iterations outer steps.
+
+  Each draw is jittered by U(jitter), rounded to a multiple of steps_per_jit
+  and clipped to the steps left in the inner run (METHOD.md section 5; paper:
+  50 -> 10,000 over 5,000 outer iterations).
+  """
+
+  def __init__(self,
+               k_min: int = 50,
+               k_max: int = 10000,
+               num_iterations: int = 5000,
+               jitter: Tuple[float, float] = (0.8, 1.2)):
+    self.k_min = k_min
+    self.k_max = k_max
+    self.num_iterations = num_iterations
+    self.jitter = tuple(jitter)
+
+  def validate(self, steps_per_jit: int) -> None:
+    curriculum.validate_curriculum(self.k_min, self.k_max, self.num_iterations,
+                                   steps_per_jit)
+    low, high = self.jitter
+    if not 0 < low <= high:
+      raise ValueError(
+          f"LinearTruncationCurriculum.jitter ({self.jitter!r}) must satisfy "
+          "0 < low <= high")
+
+  def mean(self, outer_iteration: int) -> float:
+    return curriculum.curriculum_mean(outer_iteration, self.k_min, self.k_max,
+                                      self.num_iterations)
+
+  def sample(self, rng, outer_iteration, steps_per_jit, steps_left):
+    return curriculum.sample_truncation_length(
+        rng,
+        outer_iteration,
+        self.k_min,
+        self.k_max,
+        self.num_iterations,
+        steps_per_jit,
+        steps_left=steps_left,
+        jitter=self.jitter)
