@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 # Registers the gin configurables (imports after compat.apply() on purpose).
 from pathology_fix import data  # pylint: disable=g-import-not-at-top
 from pathology_fix import estimators  # pylint: disable=g-import-not-at-top
+from pathology_fix import local_training  # pylint: disable=g-import-not-at-top
 from pathology_fix import mixing  # pylint: disable=g-import-not-at-top
 from pathology_fix import schedules  # pylint: disable=g-import-not-at-top
 from pathology_fix import tasks  # pylint: disable=g-import-not-at-top

@@ -80,8 +80,12 @@ def combine_samples(losses, rp_pair_grads, eps, sigma, mode: str,
   return merged, diagnostics
 
 
+@gin.configurable
 class VariationalEstimator(gradient_learner.GradientEstimator):
   """Shared body of HybridRPES / VariationalRP / VariationalES.
+
+  Gin bindings on `VariationalEstimator.<arg>` apply to all three (a binding
+  on a subclass wins), so an ablation config only swaps the class.
 
   Constructor arguments follow LO's TruncatedPES/TruncatedGrad, plus:
     sigma: std of the Gaussian smoothing (paper 0.1; released code 0.01).

@@ -1,0 +1,3 @@
+"""Applies pathology_fix's compatibility layer before any test imports LO."""
+
+import pathology_fix  # noqa: F401

@@ -1,0 +1,69 @@
+"""Every shipped gin config parses and builds the estimators it names."""
+
+import pathlib
+
+import gin
+import pytest
+
+import jax
+import cli_utils
+from learned_optimization import outer_train
+from learned_optimization.learned_optimizers import mlp_lopt
+from learned_optimization.outer_trainers import truncated_pes
+from pathology_fix import estimators
+from pathology_fix import schedules
+
+CONFIGS = sorted((cli_utils.REPO / "gin_configs").glob("*.gin"))
+
+EXPECTED_ESTIMATOR = {
+    "hybrid_quadratic": estimators.HybridRPES,
+    "demo": estimators.HybridRPES,
+    "paper_hybrid": estimators.HybridRPES,
+    "paper_hybrid_train_objective": estimators.HybridRPES,
+    "ablation_rp_only": estimators.VariationalRP,
+    "ablation_es_only": estimators.VariationalES,
+    "ablation_fixed_k10": estimators.HybridRPES,
+    "ablation_fixed_k100": estimators.HybridRPES,
+    "ablation_fixed_k1000": estimators.HybridRPES,
+    "lo_truncated_pes_quadratic": truncated_pes.TruncatedPES,
+    "lo_truncated_pes_validation": truncated_pes.TruncatedPES,
+}
+
+
+def _build(config: pathlib.Path, count=1):
+  gin.clear_config()
+  gin.add_config_file_search_path(str(config.parent))
+  try:
+    gin.parse_config_files_and_bindings([str(config)], [])
+    return outer_train.build_gradient_estimators(
+        learned_opt=mlp_lopt.MLPLOpt(), key=jax.random.PRNGKey(0),
+        num_gradient_estimators=count)
+  finally:
+    gin.clear_config()
+
+
+def test_every_config_is_covered():
+  assert {c.stem for c in CONFIGS} >= set(EXPECTED_ESTIMATOR) - {"x"}
+  assert {c.stem for c in CONFIGS} - {"mix_hybrid_and_lo_pes"} == set(
+      EXPECTED_ESTIMATOR)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_ESTIMATOR))
+def test_config_builds_its_estimator(name):
+  (estimator,) = _build(cli_utils.REPO / "gin_configs" / f"{name}.gin")
+  assert type(estimator) is EXPECTED_ESTIMATOR[name]  # pylint: disable=unidiomatic-typecheck
+  if name.startswith("ablation_fixed_k"):
+    length = estimator.truncation_length
+    assert isinstance(length, schedules.ConstantTruncationLength)
+    assert length.length == int(name.rsplit("k", 1)[1])
+  if name.startswith("paper") or name.startswith("ablation"):
+    assert estimator.num_tasks == 128 and estimator.sigma == 0.1
+    split = "train" if name.endswith("train_objective") else "outer_valid"
+    assert estimator.unroller.meta_loss_split == split
+
+
+def test_mixture_config_builds_both_estimator_types():
+  built = _build(cli_utils.REPO / "gin_configs" / "mix_hybrid_and_lo_pes.gin",
+                 count=2)
+  assert [type(e) for e in built] == [estimators.HybridRPES,
+                                      truncated_pes.TruncatedPES]
