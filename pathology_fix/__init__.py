@@ -20,4 +20,3 @@ from pathology_fix import mixing  # pylint: disable=g-import-not-at-top
 from pathology_fix import schedules  # pylint: disable=g-import-not-at-top
 from pathology_fix import tasks  # pylint: disable=g-import-not-at-top
 from pathology_fix import variational_lopt  # pylint: disable=g-import-not-at-top
-from pathology_fix import lo_configurables  # registers gin configurables

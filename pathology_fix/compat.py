@@ -217,10 +217,17 @@ def _use_file_checkpoints():
     pass
 
 
-def _quiet_oryx_error(record) -> bool:
-  # LO logs an ERROR when oryx is absent; its in-graph summaries are off on
-  # current JAX either way (our estimators return their metrics explicitly).
-  return "Oryx not found" not in record.getMessage()
+_QUIET_MESSAGES = (
+    # LO logs an ERROR when oryx is absent; its in-graph summaries are off on
+    # current JAX either way (our estimators return their metrics explicitly).
+    "Oryx not found",
+    # flax without TensorFlow: local files work, gs:// paths are not used.
+    "Tensorflow library not found",
+)
+
+
+def _quiet_known_messages(record) -> bool:
+  return not any(m in record.getMessage() for m in _QUIET_MESSAGES)
 
 
 _applied = False
@@ -237,9 +244,9 @@ def apply():
         "learned_optimization was imported before pathology_fix; import "
         "pathology_fix first (or pass --gin_import=pathology_fix) so that its "
         "compatibility layer can be applied.")
+  logging.getLogger("absl").addFilter(_quiet_known_messages)
   _restore_removed_names()
   _use_file_checkpoints()
-  logging.getLogger("absl").addFilter(_quiet_oryx_error)
   # Imported before the scope exists so they see the real environment.
   import flax.serialization  # pylint: disable=g-import-not-at-top,unused-import
   import flax.training.checkpoints  # pylint: disable=g-import-not-at-top,unused-import

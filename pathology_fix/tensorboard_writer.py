@@ -52,6 +52,18 @@ class SummaryWriter:
   def write(self, tag, tensor, step):
     self.scalar(tag, tensor, step)
 
+  def mark_restart(self, first_new_step):
+    """A SessionLog START: TensorBoard drops this run's events from the step on.
+
+    Used when a run resumes from a checkpoint older than its last summaries.
+    """
+    from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    self._writer.file_writer.add_event(
+        event_pb2.Event(
+            step=int(first_new_step),
+            session_log=event_pb2.SessionLog(
+                status=event_pb2.SessionLog.START)))
+
   def flush(self):
     self._writer.flush()
 

@@ -1,0 +1,512 @@
+"""Resumable single-machine meta-training loop for LO's `outer_train.run_train`.
+
+`run_train` calls `outer_train.local_train` by global name, and LO 0.0.1's
+version restores the last checkpoint and then ignores it: every rerun starts
+from fresh meta-parameters. `local_train` here has the same signature and
+continues from the last checkpoint instead; `installed()` swaps it in while
+our entry point (`python -m pathology_fix.train`) runs.
+
+What a train_log_dir holds afterwards:
+
+  checkpoint_<N>   flax.serialization.to_bytes(OptCheckpoint) after N outer
+                   steps: theta, outer-optimizer state, elapsed time. LO's name
+                   and format (`checkpoints.load_state` reads it).
+  params_<N>       to_bytes(ParameterCheckpoint): theta only, for evaluation.
+  metrics.jsonl    one JSON object per outer step: "step", "mean_loss" and
+                   every scalar written to TensorBoard, under the same tag.
+                   Non-finite values are written as null.
+  events.out.tfevents.*   TensorBoard summaries (LO's JaxboardWriter).
+  config.gin       written by run_train.
+
+Checkpoints are written atomically (`<name>.tmp`, fsync, rename), so a kill at
+any moment leaves the previous ones intact; a resumed run restores the newest
+readable one, and drops later metrics so step numbers stay monotone.
+"""
+
+import collections
+import contextlib
+import json
+import os
+import re
+import secrets
+import threading
+import time
+from typing import Any, Iterator, Mapping, MutableMapping, Optional, Sequence, Tuple
+
+from absl import logging
+import gin
+import jax
+import jax.numpy as jnp
+from learned_optimization import checkpoints
+from learned_optimization import outer_train
+from learned_optimization import summary
+from learned_optimization.learned_optimizers import base as lopt_base
+from learned_optimization.outer_trainers import gradient_learner
+import numpy as onp
+import tqdm
+
+CHECKPOINT_PREFIX = "checkpoint_"
+PARAMS_PREFIX = "params_"
+METRICS_FILE = "metrics.jsonl"
+TMP_SUFFIX = ".tmp"
+_GEN_ID = "no_gen_id"  # what LO's local_train stores; no population here
+
+PRNGKey = jnp.ndarray
+
+
+class CheckpointError(RuntimeError):
+  """Checkpoints exist in a train_log_dir but none of them can be restored."""
+
+
+def _fsync_dir(path: str):
+  """Makes a rename in `path` durable (no-op where directories can't be opened)."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def write_atomically(path: str, data: bytes):
+  """Writes `data` to `path` so that readers see the old or the new file only."""
+  tmp_path = path + TMP_SUFFIX
+  with open(tmp_path, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp_path, path)
+  _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def checkpoint_steps(train_log_dir: str, prefix: str = CHECKPOINT_PREFIX
+                    ) -> Sequence[int]:
+  """Sorted steps N of the complete `<prefix><N>` files (`.tmp` excluded)."""
+  pattern = re.compile(re.escape(prefix) + r"(\d+)$")
+  try:
+    names = os.listdir(train_log_dir)
+  except FileNotFoundError:
+    return []
+  steps = []
+  for name in names:
+    match = pattern.match(name)
+    if match and os.path.isfile(os.path.join(train_log_dir, name)):
+      steps.append(int(match.group(1)))
+  return sorted(steps)
+
+
+def checkpoint_template(
+    outer_learner: gradient_learner.GradientLearner,
+    key: Optional[PRNGKey] = None) -> gradient_learner.OptCheckpoint:
+  """An OptCheckpoint with the right structure, for `checkpoints.load_state`."""
+  if key is None:
+    key = jax.random.PRNGKey(0)
+  return gradient_learner.OptCheckpoint(
+      outer_learner.init(key),
+      elapsed_time=onp.asarray(0.0, onp.float64),
+      total_inner_steps=0)
+
+
+def save_checkpoint(train_log_dir: str,
+                    outer_learner: gradient_learner.GradientLearner,
+                    opt_checkpoint: gradient_learner.OptCheckpoint,
+                    keep: int) -> str:
+  """Writes params_<N> and checkpoint_<N> (N = outer step); keeps the last `keep`."""
+  import flax.serialization  # pylint: disable=g-import-not-at-top
+  state = opt_checkpoint.gradient_learner_state
+  step = int(state.theta_opt_state.iteration)
+  params = gradient_learner.ParameterCheckpoint(
+      outer_learner.get_lopt_params(state), _GEN_ID, step)
+  # params first: checkpoint_<N> existing implies params_<N> is complete.
+  write_atomically(
+      os.path.join(train_log_dir, f"{PARAMS_PREFIX}{step}"),
+      flax.serialization.to_bytes(params))
+  path = os.path.join(train_log_dir, f"{CHECKPOINT_PREFIX}{step}")
+  write_atomically(path, flax.serialization.to_bytes(opt_checkpoint))
+  for prefix in (CHECKPOINT_PREFIX, PARAMS_PREFIX):
+    for old in checkpoint_steps(train_log_dir, prefix)[:-keep]:
+      _remove_file(os.path.join(train_log_dir, f"{prefix}{old}"))
+  logging.info("Saved %s", path)
+  return path
+
+
+def _remove_file(path: str):
+  # Not LO's filesystem.remove: it is shutil.rmtree, which fails on files.
+  try:
+    os.remove(path)
+  except FileNotFoundError:
+    pass
+
+
+def restore_latest_checkpoint(
+    train_log_dir: str, template: gradient_learner.OptCheckpoint
+) -> Optional[Tuple[gradient_learner.OptCheckpoint, str]]:
+  """Restores the newest readable checkpoint_<N>; None if there is none.
+
+  Leftover `.tmp` files (a write cut short by a kill) are removed. An
+  unreadable newest checkpoint is skipped for an older one, and then removed
+  together with any later params_<M>, so that it can't shadow the new ones.
+
+  Args:
+    train_log_dir: directory holding the checkpoints.
+    template: structure to restore into (see `checkpoint_template`).
+
+  Returns:
+    (restored OptCheckpoint, its path), or None when no checkpoint exists.
+
+  Raises:
+    CheckpointError: checkpoints exist but none can be read, e.g. because the
+      config changed the learned optimizer's structure.
+  """
+  for name in os.listdir(train_log_dir):
+    if name.endswith(TMP_SUFFIX) and name.startswith(
+        (CHECKPOINT_PREFIX, PARAMS_PREFIX)):
+      logging.warning("Removing %s, left by an interrupted write.", name)
+      _remove_file(os.path.join(train_log_dir, name))
+
+  unreadable = []
+  for step in reversed(checkpoint_steps(train_log_dir)):
+    path = os.path.join(train_log_dir, f"{CHECKPOINT_PREFIX}{step}")
+    try:
+      restored = checkpoints.load_state(path, template)
+    except Exception as e:  # pylint: disable=broad-except
+      # Any failure to parse (truncated msgpack, wrong structure) means the
+      # same thing here: this file cannot be resumed from.
+      logging.warning("Cannot restore %s (%s: %s); trying an older one.", path,
+                      type(e).__name__, e)
+      unreadable.append((path, e))
+      continue
+    for bad_path, _ in unreadable:
+      logging.warning("Removing unreadable %s.", bad_path)
+      _remove_file(bad_path)
+    for later in checkpoint_steps(train_log_dir, PARAMS_PREFIX):
+      if later > step:
+        _remove_file(os.path.join(train_log_dir, f"{PARAMS_PREFIX}{later}"))
+    return restored, path
+
+  if unreadable:
+    path, error = unreadable[0]
+    raise CheckpointError(
+        f"none of the {len(unreadable)} checkpoints in {train_log_dir} can be "
+        f"restored (newest: {os.path.basename(path)}: "
+        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})."
+        " Did the config change? Use a new --train_log_dir to start afresh.")
+  return None
+
+
+class MetricsLog:
+  """Appends one JSON object per outer step to metrics.jsonl."""
+
+  def __init__(self, path: str, keep_up_to_step: Optional[int]):
+    self._path = path
+    if keep_up_to_step is not None and os.path.exists(path):
+      self._truncate(keep_up_to_step)
+    self._file = open(path, "a")
+
+  def _truncate(self, last_step: int):
+    """Drops records after `last_step`: a killed run logged past its checkpoint."""
+    kept = []
+    with open(self._path) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except ValueError:
+          continue  # a line cut short by the kill
+        if isinstance(record, dict) and record.get("step", last_step + 1) <= last_step:
+          kept.append(json.dumps(record) + "\n")
+    write_atomically(self._path, "".join(kept).encode())
+
+  def write(self, step: int, scalars: Mapping[str, float]):
+    record = {"step": int(step)}
+    if "mean_loss" in scalars:
+      record["mean_loss"] = None  # placeholder: keeps it second in the line
+    for k, v in scalars.items():
+      v = float(v)
+      record[k] = v if onp.isfinite(v) else None  # strict JSON has no NaN
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def _is_scalar(value: Any) -> bool:
+  return onp.ndim(value) == 0
+
+
+def _mark_restart(summary_writer: Any, first_new_step: int):
+  """Tells TensorBoard to drop events from `first_new_step` on of the killed run.
+
+  Only our tensorboardX writer (what LO's JaxboardWriter is without
+  TensorFlow) can; with TF's writer this is skipped.
+  """
+  mark_restart = getattr(summary_writer, "mark_restart", None)
+  if mark_restart is not None:
+    mark_restart(first_new_step)
+
+
+def _close_writer(summary_writer: Any, timeout_s: float = 30.0):
+  """Closes the writer (tensorboardX drains its queue only on close).
+
+  Bounded: after a Ctrl-C landed inside the writer its queue may never drain.
+  """
+  closer = threading.Thread(target=summary_writer.close, daemon=True)
+  closer.start()
+  closer.join(timeout_s)
+  if closer.is_alive():
+    logging.warning("Summary writer did not close within %.0f s; the last "
+                    "TensorBoard events may be missing.", timeout_s)
+
+
+def _resolve_seed(seed: Optional[int]) -> int:
+  return secrets.randbits(31) if seed is None else int(seed)
+
+
+@gin.configurable("resumable_local_train")
+def local_train(
+    train_log_dir: str,
+    lopt: lopt_base.LearnedOptimizer,
+    outer_learner: gradient_learner.GradientLearner,
+    num_estimators: int = 2,
+    summary_every_n: int = 10,
+    num_steps: int = 10000,
+    num_seconds: float = 0.,
+    stochastic_resample_frequency: int = 200,
+    checkpoint_every_n_steps: int = 10,
+    keep: int = 5,
+    seed: Optional[int] = None,
+) -> int:
+  """Meta-trains `lopt` in one process, resuming from train_log_dir if possible.
+
+  Same signature as LO's `outer_train.local_train`, plus the gin parameters
+  below (bind them as `resumable_local_train.<name>`).
+
+  Args:
+    train_log_dir: directory for checkpoints, summaries and metrics.jsonl.
+    lopt: learned optimizer to train.
+    outer_learner: learner which updates the learned optimizer weights.
+    num_estimators: number of gradient estimators to meta-train with.
+    summary_every_n: compute the estimators' (slower) metrics every n steps.
+    num_steps: total outer steps, counting those of earlier runs.
+    num_seconds: stop after this much training time (0: no limit), counting
+      earlier runs.
+    stochastic_resample_frequency: resample an estimator with probability
+      1 / this each step (0: never).
+    checkpoint_every_n_steps: save a checkpoint every n outer steps (and at the
+      end, and on Ctrl-C).
+    keep: how many checkpoints (and params) to keep.
+    seed: fixes all randomness (JAX keys and LO's global numpy draws) for a
+      reproducible run; None draws one and prints it. Keys are derived from
+      the outer step, so a resumed run draws what the uninterrupted run would
+      have; its estimators' inner problems restart, though (LO's checkpoint
+      format holds no estimator state).
+
+  Returns:
+    The outer step reached.
+  """
+  if checkpoint_every_n_steps < 1:
+    raise ValueError("checkpoint_every_n_steps must be >= 1")
+  if keep < 1:
+    raise ValueError("keep must be >= 1")
+  os.makedirs(train_log_dir, exist_ok=True)
+  seed = _resolve_seed(seed)
+  logging.info("Seed: %d", seed)
+  base_key = jax.random.PRNGKey(seed)
+  init_key, estimators_key, base_key = jax.random.split(base_key, 3)
+
+  gradient_learner_state = outer_learner.init(init_key)
+  template = gradient_learner.OptCheckpoint(
+      gradient_learner_state,
+      elapsed_time=onp.asarray(0.0, onp.float64),
+      total_inner_steps=0)
+  restored = restore_latest_checkpoint(train_log_dir, template)
+  if restored is not None:
+    checkpoint_data, restored_path = restored
+    gradient_learner_state = checkpoint_data.gradient_learner_state
+    elapsed_time = float(checkpoint_data.elapsed_time)
+    total_inner_steps = int(checkpoint_data.total_inner_steps)
+  else:
+    restored_path = None
+    elapsed_time = 0.0
+    total_inner_steps = 0
+
+  step = int(gradient_learner_state.theta_opt_state.iteration)
+  start_step = step
+  # LO draws from numpy's global RNG (estimator resampling, event sampling).
+  onp.random.seed((seed + step) % 2**32)
+
+  def make_checkpoint():
+    return gradient_learner.OptCheckpoint(
+        gradient_learner_state,
+        elapsed_time=onp.asarray(elapsed_time, onp.float64),
+        total_inner_steps=int(total_inner_steps))
+
+  if restored_path is None:
+    print(f"Starting meta-training in {train_log_dir} (seed {seed}).",
+          flush=True)
+    save_checkpoint(train_log_dir, outer_learner, make_checkpoint(), keep)
+  else:
+    print(f"Resuming from {restored_path}: outer step {step} of {num_steps} "
+          f"(seed {seed}).", flush=True)
+  last_saved_step = step
+
+  metrics_log = MetricsLog(
+      os.path.join(train_log_dir, METRICS_FILE),
+      keep_up_to_step=step if restored_path else 0)
+  summary_writer = summary.JaxboardWriter(train_log_dir)
+  if restored_path is not None:
+    _mark_restart(summary_writer, step + 1)
+  else:
+    theta = outer_learner.get_lopt_params(gradient_learner_state)
+    shapes = jax.tree_util.tree_map(
+        lambda x: (tuple(onp.shape(x)), str(jnp.asarray(x).dtype)), theta)
+    summary_writer.text("theta_structure", str(shapes), step=0)
+
+  stop_reason = "num_steps reached"
+  pbar = None
+  try:
+    if step < num_steps:
+      worker_weights = outer_learner.get_state_for_worker(gradient_learner_state)
+      gradient_estimators = outer_train.build_gradient_estimators(
+          learned_opt=lopt,
+          key=estimators_key,
+          num_gradient_estimators=num_estimators)
+      unroll_keys = jax.random.split(
+          jax.random.fold_in(estimators_key, step), num_estimators)
+      unroll_states = [
+          est.init_worker_state(worker_weights, k)
+          for est, k in zip(gradient_estimators, unroll_keys)
+      ]
+      worker_ids = collections.deque(maxlen=10)
+      pbar = tqdm.tqdm(
+          total=num_steps, initial=step, desc="outer steps", unit="step",
+          dynamic_ncols=True)
+      step_start = time.time()
+
+    while step < num_steps:
+      with_metrics = bool(summary_every_n) and step % summary_every_n == 0
+      worker_key, learner_key, resample_key = jax.random.split(
+          jax.random.fold_in(base_key, step), 3)
+      worker_weights = outer_learner.get_state_for_worker(gradient_learner_state)
+
+      worker_out = gradient_learner.gradient_worker_compute(
+          worker_weights, gradient_estimators, unroll_states, worker_key,
+          with_metrics)
+      unroll_states = worker_out.unroll_states
+      # One gradient from one worker per update: nothing to aggregate.
+      next_state, learner_metrics = outer_learner.update(
+          gradient_learner_state, [worker_out.to_put],
+          with_metrics=with_metrics, key=learner_key)
+      gradient_estimators, unroll_states = (
+          outer_train.maybe_resample_gradient_estimators(
+              lopt, gradient_estimators, unroll_states,
+              worker_weights=worker_weights, key=resample_key,
+              stochastic_resample_frequency=stochastic_resample_frequency))
+      next_step = int(next_state.theta_opt_state.iteration)
+
+      now = time.time()
+      delta_time = max(now - step_start, 1e-9)
+      step_start = now
+      worker_ids.append([0])
+
+      # LO's local_train drops the estimators' metrics; keep both.
+      metrics = {**worker_out.metrics, **learner_metrics}
+      with onp.errstate(divide="ignore"):
+        to_write = outer_train.summarize_learner(
+            step=next_step,
+            metrics=metrics,
+            worker_ids=worker_ids,
+            with_metrics=with_metrics,
+            theta=outer_learner.get_lopt_params(next_state),
+            delta_time=delta_time,
+            total_inner_steps=total_inner_steps,
+            delta_inner_steps=onp.asarray(0))
+      # gradient_worker_compute does not report inner steps (LO's loop logs
+      # 0 for them too): leave these out rather than log zeros.
+      to_write.pop("inner_steps", None)
+      to_write.pop("total_time/inner_steps_per_second", None)
+      to_write["elapsed_time"] = elapsed_time + delta_time
+      _write_summaries(summary_writer, metrics_log, to_write, next_step)
+
+      # Commit only once the step is logged: what a checkpoint holds (also on
+      # Ctrl-C) always has its metrics.jsonl line.
+      gradient_learner_state, step = next_state, next_step
+      elapsed_time += delta_time
+
+      mean_loss = float(worker_out.to_put.mean_loss)
+      pbar.set_postfix(meta_loss=f"{mean_loss:.4g}", refresh=False)
+      pbar.update(step - pbar.n)
+
+      if step % checkpoint_every_n_steps == 0:
+        save_checkpoint(train_log_dir, outer_learner, make_checkpoint(), keep)
+        last_saved_step = step
+      if num_seconds and elapsed_time > num_seconds:
+        stop_reason = f"num_seconds={num_seconds} reached"
+        break
+  except KeyboardInterrupt:
+    stop_reason = "interrupted"
+    raise
+  except Exception:
+    stop_reason = None  # the traceback says enough
+    raise
+  finally:
+    if pbar is not None:
+      pbar.close()
+    # Also on Ctrl-C: gradient_learner_state is only ever a completed update.
+    if step != last_saved_step:
+      save_checkpoint(train_log_dir, outer_learner, make_checkpoint(), keep)
+    metrics_log.close()
+    _close_writer(summary_writer)
+    if stop_reason:
+      _print_outputs(train_log_dir, step, num_steps, start_step, stop_reason)
+  return step
+
+
+_INVALID_TAG_CHARACTERS = re.compile(r"[^-/\w.]")
+
+
+def tensorboard_tag(name: str) -> str:
+  """The tag TensorBoard writers store `name` under (theta paths contain '~')."""
+  return _INVALID_TAG_CHARACTERS.sub("_", name).lstrip("/")
+
+
+def _write_summaries(summary_writer: Any, metrics_log: MetricsLog,
+                     to_write: MutableMapping[str, Any], step: int):
+  scalars = {}
+  for name, value in to_write.items():
+    # Cleaned here, not by the writer, so metrics.jsonl uses the same keys.
+    tag = tensorboard_tag(name)
+    if _is_scalar(value):
+      scalars[tag] = float(value)
+      summary_writer.scalar(tag, scalars[tag], step=step)
+    else:
+      summary_writer.histogram(tag, onp.asarray(value), step=step)
+  metrics_log.write(step, scalars)
+
+
+def _print_outputs(train_log_dir: str, step: int, num_steps: int,
+                   start_step: int, stop_reason: str):
+  d = os.path.abspath(train_log_dir)
+  print(f"Meta-training stopped at outer step {step} of {num_steps} "
+        f"({stop_reason}; this run did {step - start_step} steps).\n"
+        f"  checkpoints: {d}/{CHECKPOINT_PREFIX}{step} and "
+        f"{PARAMS_PREFIX}{step} (rerun the same command to resume)\n"
+        f"  summaries:   {d} (tensorboard --logdir {d})\n"
+        f"  metrics:     {d}/{METRICS_FILE}\n"
+        f"  gin config:  {d}/config.gin",
+        flush=True)
+
+
+@contextlib.contextmanager
+def installed() -> Iterator[None]:
+  """Makes LO's `run_train` use this `local_train` inside the block."""
+  original = outer_train.local_train
+  outer_train.local_train = local_train
+  try:
+    yield
+  finally:
+    outer_train.local_train = original
