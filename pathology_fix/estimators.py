@@ -17,6 +17,7 @@ constructor arguments, so they drop into `build_gradient_estimators`.
 """
 
 import functools
+import math
 from typing import Any, Mapping, Optional, Tuple
 
 import gin
@@ -32,6 +33,17 @@ from pathology_fix import unroll
 from pathology_fix import variational
 
 MODES = ("hybrid", "rp", "es")
+
+
+def max_truncation_chunks(truncation_length, steps_per_jit: int):
+  """Most chunks one truncation can take under this schedule; None if unknown."""
+  if isinstance(truncation_length, schedules.ConstantTruncationLength):
+    return -(-int(truncation_length.length) // int(steps_per_jit))
+  if isinstance(truncation_length, schedules.LinearTruncationCurriculum):
+    k = max(truncation_length.k_min, truncation_length.k_max)
+    return max(1, int(math.floor(
+        k * float(truncation_length.jitter[1]) / steps_per_jit + 0.5)))
+  return None
 
 
 def _finite_mean(tree, mask):
@@ -95,6 +107,13 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
     meta_loss_evals: batches the validation meta-loss averages per step.
     max_loss: each step's meta-loss is clipped at this value.
     variance_eps: added to the per-coordinate variances of the merge.
+    rematerialize: True, False or "auto" (see `unroll.AntitheticUnroller`):
+      recompute each chunk's forward in the backward pass, or keep residuals.
+    remat_chunk_threshold: with "auto", rematerialize truncations of more
+      than this many chunks of steps_per_jit steps...
+    remat_memory_budget_mb: ...or whose stored residuals would exceed this
+      (None: a quarter of the device memory; 4096 MiB on CPU).
+    shard_samples: split the samples across local devices when several.
   """
   mode: str = "hybrid"
 
@@ -111,7 +130,11 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
                meta_loss_evals: int = 1,
                max_loss: float = 10.0,
                random_initial_iteration_offset: int = 0,
-               variance_eps: float = 1e-8):
+               variance_eps: float = 1e-8,
+               rematerialize: Any = "auto",
+               remat_chunk_threshold: int = 10,
+               remat_memory_budget_mb: Optional[float] = None,
+               shard_samples: bool = True):
     name = type(self).__name__
     if int(num_tasks) < 2:
       raise ValueError(
@@ -146,9 +169,15 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
         steps_per_jit=steps_per_jit,
         meta_loss_split=meta_loss_split,
         meta_loss_evals=meta_loss_evals,
-        max_loss=max_loss)
+        max_loss=max_loss,
+        rematerialize=rematerialize,
+        remat_chunk_threshold=remat_chunk_threshold,
+        remat_memory_budget_mb=remat_memory_budget_mb,
+        shard_samples=shard_samples,
+        max_num_chunks=max_truncation_chunks(truncation_length, steps_per_jit))
     self._sample_eps = jax.jit(
         variational.sample_perturbations, static_argnames=("num_samples",))
+    self._finish = jax.jit(self._finish_step)
 
   def init_worker_state(self, worker_weights, key):
     return self.unroller.init_state(worker_weights.theta,
@@ -173,40 +202,49 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
     theta = worker_weights.theta
     outer_state = worker_weights.outer_state
     key_reset, key_length, key_eps, key_unroll = jax.random.split(key, 4)
+    unroller = self.unroller
 
-    state = self.unroller.reset_finished(theta, state, outer_state, key_reset)
-    steps_left = int(self.unroller.steps_left(state).max())
+    state, steps_left = unroller.prepare(theta, state, outer_state, key_reset)
     k = self.draw_truncation_length(key_length, outer_state.outer_iteration,
-                                    steps_left)
+                                    int(steps_left.max()))
+    theta, key_eps = unroller.sharding.replicate((theta, key_eps))
     eps = self._sample_eps(key_eps, theta, self.sigma, num_samples=self.num_tasks)
-    out = self.unroller.unroll(
-        theta, eps, state, key_unroll, k, with_rp_grads=self.mode != "es")
+    out = unroller.unroll(
+        theta, eps, state, key_unroll, k, with_rp_grads=self.mode != "es",
+        steps_left=steps_left)
     grad, diagnostics = combine_samples(
         out.losses, out.rp_grads, eps, self.sigma, mode=self.mode,
         variance_eps=self.variance_eps)
-    next_state = self.unroller.continue_from_positive(state, out)
-
-    pair_mean = jnp.mean(out.losses, axis=0)
-    finite = jnp.isfinite(pair_mean)
-    mean_loss = jnp.sum(jnp.where(finite, pair_mean, 0)) / jnp.maximum(
-        jnp.sum(finite), 1)
-    metrics = {f"mean||{name}": value for name, value in diagnostics.items()}
+    next_state = unroller.next_state(state, out)
+    mean_loss, metrics, unroll_info = self._finish(state, next_state,
+                                                   out.losses, diagnostics)
     metrics["mean||truncation_length"] = jnp.asarray(k, jnp.float32)
     metrics["mean||sigma"] = jnp.asarray(self.sigma, jnp.float32)
-    metrics["mean||meta_loss"] = mean_loss
-    metrics["mean||inner_runs_finished"] = jnp.mean(
-        self.unroller.finished(next_state).astype(jnp.float32))
-
-    unroll_info = gradient_learner.UnrollInfo(
-        loss=out.losses[:1],
-        iteration=next_state.inner_step[None],
-        task_param=jax.tree_util.tree_map(lambda x: x[None], state.task_param),
-        is_done=self.unroller.finished(next_state)[None])
+    # LO's outer loop adds gradients on one device.
+    grad, mean_loss, metrics, unroll_info = unroller.sharding.to_default_device(
+        (grad, mean_loss, metrics, unroll_info))
     return gradient_learner.GradientEstimatorOut(
         mean_loss=mean_loss,
         grad=grad,
         unroll_state=next_state,
         unroll_info=unroll_info), metrics
+
+  def _finish_step(self, state, next_state, losses, diagnostics):
+    """Mean loss, metrics and LO's UnrollInfo in one jitted call."""
+    pair_mean = jnp.mean(losses, axis=0)
+    finite = jnp.isfinite(pair_mean)
+    mean_loss = jnp.sum(jnp.where(finite, pair_mean, 0)) / jnp.maximum(
+        jnp.sum(finite), 1)
+    finished = self.unroller.finished(next_state)
+    metrics = {f"mean||{name}": value for name, value in diagnostics.items()}
+    metrics["mean||meta_loss"] = mean_loss
+    metrics["mean||inner_runs_finished"] = jnp.mean(finished.astype(jnp.float32))
+    unroll_info = gradient_learner.UnrollInfo(
+        loss=losses[:1],
+        iteration=next_state.inner_step[None],
+        task_param=jax.tree_util.tree_map(lambda x: x[None], state.task_param),
+        is_done=finished[None])
+    return mean_loss, metrics, unroll_info
 
 
 @gin.configurable
