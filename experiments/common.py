@@ -56,6 +56,14 @@ def write_results(out_dir: pathlib.Path, numbers: Mapping[str, Any],
   (out_dir / "summary.md").write_text(summary_markdown.rstrip() + "\n")
 
 
+def finish(out_dir: pathlib.Path, numbers: Mapping[str, Any],
+           summary_markdown: str, quick: bool) -> None:
+  """Writes results.json and summary.md, and shows the summary."""
+  write_results(out_dir, numbers, summary_markdown,
+                "quick" if quick else "full")
+  print(summary_markdown)
+
+
 def save_figure(fig, out_dir: pathlib.Path, filename: str) -> pathlib.Path:
   path = out_dir / filename
   fig.tight_layout()

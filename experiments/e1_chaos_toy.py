@@ -264,9 +264,7 @@ Plots: `final_loss_vs_momentum.png` (one panel per T), `roughness_vs_T.png`
 
 Run time: {elapsed:.1f} s ({'quick' if args.quick else 'full'} mode).
 """
-  common.write_results(out_dir, numbers, summary,
-                       "quick" if args.quick else "full")
-  print(summary)
+  common.finish(out_dir, numbers, summary, quick=args.quick)
   return numbers
 
 

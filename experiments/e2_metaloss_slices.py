@@ -263,9 +263,7 @@ Plots: `slices.png` (the slices, one colour per T), `roughness_vs_T.png`.
 
 Run time: {elapsed:.1f} s ({'quick' if args.quick else 'full'} mode).
 """
-  common.write_results(out_dir, numbers, summary,
-                       "quick" if args.quick else "full")
-  print(summary)
+  common.finish(out_dir, numbers, summary, quick=args.quick)
   return numbers
 
 

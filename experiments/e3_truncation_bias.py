@@ -300,9 +300,7 @@ grid optimum as a dashed line; right: the grid and the settled learned lrs).
 
 Run time: {elapsed:.1f} s ({'quick' if args.quick else 'full'} mode).
 """
-  common.write_results(out_dir, numbers, summary,
-                       "quick" if args.quick else "full")
-  print(summary)
+  common.finish(out_dir, numbers, summary, quick=args.quick)
   return numbers
 
 

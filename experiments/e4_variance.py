@@ -360,9 +360,7 @@ steadier. The hybrid's weights come from n = {num_samples} samples per draw
 
 Run time: {elapsed:.1f} s ({'quick' if args.quick else 'full'} mode).
 """
-  common.write_results(out_dir, numbers, summary,
-                       "quick" if args.quick else "full")
-  print(summary)
+  common.finish(out_dir, numbers, summary, quick=args.quick)
   return numbers
 
 
