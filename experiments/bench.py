@@ -10,7 +10,8 @@ For every (task, truncation length k, n samples) it times one outer step
                        each chunk (rematerialize=True)
   HybridRPES (stored)  the same, keeping each chunk's residuals
                        (rematerialize=False); the default "auto" is this one
-                       up to remat_chunk_threshold=10 chunks, remat beyond
+                       up to remat_chunk_threshold=10 chunks while the
+                       residuals fit remat_memory_budget_mb, remat beyond
   TruncatedGrad        LO, num_tasks = 2n (same number of unrolls)
   TruncatedES          LO, num_tasks = n antithetic pairs, stacked (both signs
                        in one vectorized call, as HybridRPES does)
@@ -21,11 +22,16 @@ problem resets during the measurement. Tasks: LO's FixedDimQuadraticFamily(10)
 and the paper's 3-layer CNN (`pathology_fix.tasks.FashionMnistClassSubsetFamily`
 with architecture "conv3"; image size and batch are flags).
 
-Each configuration runs in a fresh process (multiprocessing "spawn"), so its
-peak memory is its own; children share a persistent XLA compilation cache so
-that only the first configuration of each shape pays full compile time.
-The parent prints the table (Markdown) and writes it with --out FILE as
-FILE.md and FILE.json.
+The estimators of one (task, k, n) run in one fresh process (multiprocessing
+"spawn") with their timed steps interleaved, so drifting load on a shared
+machine hits all of them alike. Peak memory: on CPU, the rise of the
+process's resident memory during one outer step, measured per estimator
+after timing; on a GPU, peak_bytes_in_use of a fresh process per estimator
+(device peaks cannot be reset). Children share a persistent XLA compilation
+cache, so only the first process of each shape pays full compile time.
+--profile adds a part-by-part timing of one HybridRPES chunk with XLA's cost
+estimates. The parent prints the Markdown table and, with --out FILE,
+writes FILE.md and FILE.json.
 """
 
 import argparse
