@@ -490,6 +490,15 @@ def _build(source: _Source, split_parts: Mapping[str, Tuple[str, np.ndarray]],
                               batch_size, seed, extra_info)
 
 
+def _check_options(batch_size, image_size, normalization, resize_method):
+  """The options every dataset constructor takes; returns (batch, size)."""
+  batch_size = _check_batch_size(batch_size)
+  size = _check_image_size(image_size)
+  _check_choice("normalization", normalization, NORMALIZATIONS)
+  _check_choice("resize_method", resize_method, RESIZE_METHODS)
+  return batch_size, size
+
+
 @gin.configurable
 def fashion_mnist_datasets(batch_size: int = 128,
                            image_size: Union[int, Tuple[int, int]] = 14,
@@ -518,10 +527,8 @@ def fashion_mnist_datasets(batch_size: int = 128,
   Returns:
     OfflineImageDatasets yielding {"image": f32 [B, S, S, 1], "label": i32 [B]}.
   """
-  batch_size = _check_batch_size(batch_size)
-  size = _check_image_size(image_size)
-  _check_choice("normalization", normalization, NORMALIZATIONS)
-  _check_choice("resize_method", resize_method, RESIZE_METHODS)
+  batch_size, size = _check_options(batch_size, image_size, normalization,
+                                    resize_method)
   source = load_fashion_mnist(data_dir)
   classes = _check_classes(classes, source.num_classes)
 
@@ -553,10 +560,8 @@ def digits_datasets(batch_size: int = 128,
   Returns:
     OfflineImageDatasets yielding {"image": f32 [B, S, S, 1], "label": i32 [B]}.
   """
-  batch_size = _check_batch_size(batch_size)
-  size = _check_image_size(image_size)
-  _check_choice("normalization", normalization, NORMALIZATIONS)
-  _check_choice("resize_method", resize_method, RESIZE_METHODS)
+  batch_size, size = _check_options(batch_size, image_size, normalization,
+                                    resize_method)
   source = load_digits_source()
   classes = _check_classes(classes, source.num_classes)
   parts = _class_split(source.parts["all"][1], classes, SPLITS, split_seed)

@@ -254,10 +254,6 @@ class AntitheticUnroller:
     state, steps_left = self._prepare(theta, state, outer_state, key)
     return state, np.asarray(steps_left)
 
-  def reset_finished(self, theta, state, outer_state, key):
-    """Re-initializes the inner problems whose run reached its total length."""
-    return self.prepare(theta, state, outer_state, key)[0]
-
   def steps_left(self, state: VariationalUnrollState) -> np.ndarray:
     return np.asarray(state.truncation_state.length - state.inner_step)
 
@@ -529,16 +525,7 @@ class AntitheticUnroller:
 
   def next_state(self, state: VariationalUnrollState,
                  out: AntitheticUnrollOut) -> VariationalUnrollState:
-    """`continue_from_positive` in one jitted call."""
+    """Next state: the theta + eps unroll, with the step count advanced."""
     return self._continue(state, out.final_opt_states,
                           self.sharding.replicate(
                               jnp.asarray(out.num_steps, jnp.int32)))
-
-  @staticmethod
-  def continue_from_positive(state: VariationalUnrollState,
-                             out: AntitheticUnrollOut) -> VariationalUnrollState:
-    """Next state: the theta + eps unroll, with the step count advanced."""
-    return state.replace(
-        inner_opt_state=jax.tree_util.tree_map(lambda x: x[0],
-                                               out.final_opt_states),
-        inner_step=state.inner_step + jnp.asarray(out.num_steps, jnp.int32))
