@@ -115,6 +115,12 @@ def checkpoint_template(config_file=LO_PES_CONFIG):
     return local_training.checkpoint_template(outer_learner)
 
 
+def load_state(path, template):
+  """Reads a checkpoint with LO's own reader (proves the format is LO's)."""
+  from learned_optimization import checkpoints  # pylint: disable=g-import-not-at-top
+  return checkpoints.load_state(str(path), template)
+
+
 def params_template(config_file=LO_PES_CONFIG):
   """A ParameterCheckpoint template for LO's checkpoints.load_state."""
   from learned_optimization.outer_trainers import gradient_learner  # pylint: disable=g-import-not-at-top

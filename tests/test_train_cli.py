@@ -9,18 +9,12 @@ import numpy as np
 import pytest
 
 import pathology_fix  # pylint: disable=unused-import  # compat before LO
-from learned_optimization import checkpoints  # pylint: disable=g-bad-import-order
 from pathology_fix import local_training
 
 import cli_utils
 
 # Metrics every step: one compilation instead of two (with/without summary).
 FAST = ("run_train.summary_every_n = 1", "resumable_local_train.seed = 0")
-
-
-def _load(path, template):
-  """Reads a checkpoint with LO's own reader (proves the format is LO's)."""
-  return checkpoints.load_state(str(path), template)
 
 
 def test_short_run_writes_checkpoints_summaries_and_config(tmp_path):
@@ -38,9 +32,9 @@ def test_short_run_writes_checkpoints_summaries_and_config(tmp_path):
   assert not [n for n in names if n.endswith(".tmp")]
   assert "TruncatedPES" in (log_dir / "config.gin").read_text()
 
-  ckpt = _load(log_dir / "checkpoint_3", cli_utils.checkpoint_template())
+  ckpt = cli_utils.load_state(log_dir / "checkpoint_3", cli_utils.checkpoint_template())
   assert int(ckpt.gradient_learner_state.theta_opt_state.iteration) == 3
-  params = _load(log_dir / "params_3", cli_utils.params_template())
+  params = cli_utils.load_state(log_dir / "params_3", cli_utils.params_template())
   assert int(params.step) == 3
   jax.tree_util.tree_map(np.testing.assert_array_equal, params.params,
                          ckpt.gradient_learner_state.theta_opt_state.params)
@@ -101,7 +95,7 @@ def test_resume_after_sigkill_continues_from_last_checkpoint(tmp_path):
   # (torn by the disk, say) must not stop resume either.
   n = local_training.checkpoint_steps(str(log_dir))[-1]
   template = cli_utils.checkpoint_template()
-  before = _load(log_dir / f"checkpoint_{n}", template)
+  before = cli_utils.load_state(log_dir / f"checkpoint_{n}", template)
   assert int(before.gradient_learner_state.theta_opt_state.iteration) == n
   (log_dir / f"checkpoint_{n + 1}.tmp").write_bytes(b"\x85\xa3garbage")
   (log_dir / f"checkpoint_{n + 1}").write_bytes(
@@ -121,10 +115,10 @@ def test_resume_after_sigkill_continues_from_last_checkpoint(tmp_path):
   scalars = cli_utils.read_scalars(log_dir)
   assert [s for s, _ in scalars["mean_loss"]] == list(range(1, n + 3))
 
-  after = _load(log_dir / f"checkpoint_{n + 1}", template)
+  after = cli_utils.load_state(log_dir / f"checkpoint_{n + 1}", template)
   assert int(after.gradient_learner_state.theta_opt_state.iteration) == n + 1
   assert float(after.elapsed_time) > float(before.elapsed_time)
-  final = _load(log_dir / f"checkpoint_{n + 2}", template)
+  final = cli_utils.load_state(log_dir / f"checkpoint_{n + 2}", template)
   assert int(final.gradient_learner_state.theta_opt_state.iteration) == n + 2
 
   # The first resumed update started exactly from checkpoint N's theta and
