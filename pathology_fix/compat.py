@@ -28,6 +28,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import logging
+import os
 import sys
 import threading
 import types
@@ -230,6 +231,14 @@ def _quiet_known_messages(record) -> bool:
   return not any(m in record.getMessage() for m in _QUIET_MESSAGES)
 
 
+def _quiet_gin_include_probe(record) -> bool:
+  # gin first looks each `include 'x.gin'` up as a Python package resource and
+  # logs an ERROR when it is not one, then finds it on the search path; a
+  # file that is really missing still fails the parse with its own error.
+  return not (record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
+              and record.getMessage().startswith("Path not found"))
+
+
 _applied = False
 
 
@@ -245,6 +254,7 @@ def apply():
         "pathology_fix first (or pass --gin_import=pathology_fix) so that its "
         "compatibility layer can be applied.")
   logging.getLogger("absl").addFilter(_quiet_known_messages)
+  logging.getLogger().addFilter(_quiet_gin_include_probe)
   _restore_removed_names()
   _use_file_checkpoints()
   # Imported before the scope exists so they see the real environment.

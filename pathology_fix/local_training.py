@@ -115,7 +115,10 @@ def save_checkpoint(train_log_dir: str,
                     outer_learner: gradient_learner.GradientLearner,
                     opt_checkpoint: gradient_learner.OptCheckpoint,
                     keep: int) -> str:
-  """Writes params_<N> and checkpoint_<N> (N = outer step); keeps the last `keep`."""
+  """Writes params_<N> and checkpoint_<N> (N = outer step); keeps the last `keep`.
+
+  params_0 (the theta training started from) is never removed.
+  """
   import flax.serialization  # pylint: disable=g-import-not-at-top
   state = opt_checkpoint.gradient_learner_state
   step = int(state.theta_opt_state.iteration)
@@ -129,9 +132,24 @@ def save_checkpoint(train_log_dir: str,
   write_atomically(path, flax.serialization.to_bytes(opt_checkpoint))
   for prefix in (CHECKPOINT_PREFIX, PARAMS_PREFIX):
     for old in checkpoint_steps(train_log_dir, prefix)[:-keep]:
+      if prefix == PARAMS_PREFIX and old == 0:
+        continue  # the starting theta, kept for before/after comparisons
       _remove_file(os.path.join(train_log_dir, f"{prefix}{old}"))
   logging.info("Saved %s", path)
   return path
+
+
+def load_params(train_log_dir: str, step: int,
+                lopt: lopt_base.LearnedOptimizer) -> Any:
+  """theta from `params_<step>` in train_log_dir (LO's ParameterCheckpoint)."""
+  path = os.path.join(train_log_dir, f"{PARAMS_PREFIX}{int(step)}")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"{path}: no such parameter file; saved steps: "
+        f"{checkpoint_steps(train_log_dir, PARAMS_PREFIX)}")
+  template = gradient_learner.ParameterCheckpoint(
+      lopt.init(jax.random.PRNGKey(0)), _GEN_ID, 0)
+  return checkpoints.load_state(path, template).params
 
 
 def _remove_file(path: str):
@@ -298,7 +316,8 @@ def local_train(
       1 / this each step (0: never).
     checkpoint_every_n_steps: save a checkpoint every n outer steps (and at the
       end, and on Ctrl-C).
-    keep: how many checkpoints (and params) to keep.
+    keep: how many checkpoints (and params) to keep; params_0, the starting
+      theta, is kept as well.
     seed: fixes all randomness (JAX keys and LO's global numpy draws) for a
       reproducible run; None draws one and prints it. Keys are derived from
       the outer step, so a resumed run draws what the uninterrupted run would
@@ -491,8 +510,9 @@ def _write_summaries(summary_writer: Any, metrics_log: MetricsLog,
 def _print_outputs(train_log_dir: str, step: int, num_steps: int,
                    start_step: int, stop_reason: str):
   d = os.path.abspath(train_log_dir)
+  done = step - start_step
   print(f"Meta-training stopped at outer step {step} of {num_steps} "
-        f"({stop_reason}; this run did {step - start_step} steps).\n"
+        f"({stop_reason}; this run did {done} step{'' if done == 1 else 's'}).\n"
         f"  checkpoints: {d}/{CHECKPOINT_PREFIX}{step} and "
         f"{PARAMS_PREFIX}{step} (rerun the same command to resume)\n"
         f"  summaries:   {d} (tensorboard --logdir {d})\n"

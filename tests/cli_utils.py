@@ -38,7 +38,7 @@ def _jax_cache_dir():
   return path
 
 
-def _env():
+def subprocess_env():
   # Compilation dominates these short runs; later runs of the same config in
   # this pytest session reuse the XLA executables of the first one.
   return {
@@ -53,14 +53,14 @@ def run_train(train_log_dir, *bindings, **kwargs):
   """Runs the CLI to completion; returns the CompletedProcess (text output)."""
   return subprocess.run(
       train_command(train_log_dir, *bindings, **kwargs),
-      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+      cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
 def start_train(train_log_dir, *bindings, stdout, stderr, **kwargs):
   """Starts the CLI in the background; returns the Popen."""
   return subprocess.Popen(
       train_command(train_log_dir, *bindings, **kwargs),
-      cwd=REPO, env=_env(), stdout=stdout, stderr=stderr, text=True)
+      cwd=REPO, env=subprocess_env(), stdout=stdout, stderr=stderr, text=True)
 
 
 def describe(proc) -> str:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import pathology_fix  # pylint: disable=unused-import  # compat before LO
+from learned_optimization.learned_optimizers import mlp_lopt  # pylint: disable=g-bad-import-order
 from pathology_fix import local_training
 
 import cli_utils
@@ -21,12 +22,15 @@ def test_short_run_writes_checkpoints_summaries_and_config(tmp_path):
   log_dir = tmp_path / "run"
   proc = cli_utils.run_train(
       log_dir, *FAST, "run_train.num_steps = 3",
-      "resumable_local_train.checkpoint_every_n_steps = 2")
+      "resumable_local_train.checkpoint_every_n_steps = 2",
+      "resumable_local_train.keep = 2")
   assert proc.returncode == 0, cli_utils.describe(proc)
 
   names = set(os.listdir(log_dir))
-  for step in (0, 2, 3):  # initial, periodic, final
-    assert f"checkpoint_{step}" in names and f"params_{step}" in names, names
+  # Saved at 0 (initial), 2 (periodic), 3 (final); keep = 2 drops
+  # checkpoint_0 but never params_0, the starting theta.
+  assert {n for n in names if n.startswith(("checkpoint_", "params_"))} == {
+      "checkpoint_2", "checkpoint_3", "params_0", "params_2", "params_3"}
   assert "config.gin" in names and "metrics.jsonl" in names
   assert cli_utils.event_files(log_dir), names
   assert not [n for n in names if n.endswith(".tmp")]
@@ -38,6 +42,13 @@ def test_short_run_writes_checkpoints_summaries_and_config(tmp_path):
   assert int(params.step) == 3
   jax.tree_util.tree_map(np.testing.assert_array_equal, params.params,
                          ckpt.gradient_learner_state.theta_opt_state.params)
+  with cli_utils.gin_config():
+    lopt = mlp_lopt.MLPLOpt()
+  jax.tree_util.tree_map(np.testing.assert_array_equal,
+                         local_training.load_params(str(log_dir), 3, lopt),
+                         params.params)
+  with pytest.raises(FileNotFoundError, match=r"params_1: .*\[0, 2, 3\]"):
+    local_training.load_params(str(log_dir), 1, lopt)
 
   records = cli_utils.read_metrics(log_dir)
   assert [r["step"] for r in records] == [1, 2, 3]
