@@ -1,9 +1,11 @@
 """Smoke tests: each experiment script runs with --quick and writes finite results.
 
-Slow (each script takes 1-3 minutes on 2 CPU cores): `./run.sh test -m slow`.
+The runs are slow (each script takes 1-3 minutes on 2 CPU cores):
+`./run.sh test -m slow`. The default run only imports every script.
 To cover another script, append (module, PNG names) to QUICK_SCRIPTS.
 """
 
+import importlib
 import json
 import math
 import os
@@ -26,6 +28,7 @@ QUICK_SCRIPTS = [
      ("loss_vs_steps.png", "loss_vs_time.png", "win_bars.png")),
     ("experiments.e6_ablations",
      ("meta_loss_vs_outer_step.png", "meta_loss_vs_wallclock.png")),
+    ("experiments.bench_data", ()),
 ]
 # Only stops hangs: a cold start compiles for a minute on busy cores.
 TIMEOUT_S = 900
@@ -59,6 +62,25 @@ def test_non_finite_walks_nested_json():
   assert non_finite(tree) == ["$.a[2].b", "$.c.e"]
   assert [p for p, _ in json_numbers(tree)] == [
       "$.a[0]", "$.a[1]", "$.a[2].b", "$.c.e"]
+
+
+class _StopBeforeWork(Exception):
+  pass
+
+
+@pytest.mark.parametrize("module", [m for m, _ in QUICK_SCRIPTS])
+def test_script_imports_and_parses_its_flags(module, monkeypatch):
+  script = importlib.import_module(module)
+  seen = {}
+
+  def results_dir(name, out):
+    seen.update(name=name, out=out)
+    raise _StopBeforeWork  # main() asks for its folder before any work
+
+  monkeypatch.setattr(script.common, "results_dir", results_dir)
+  with pytest.raises(_StopBeforeWork):
+    script.main(["--quick", "--out", "/nonexistent/results"])
+  assert seen == {"name": script.NAME, "out": "/nonexistent/results"}
 
 
 @pytest.mark.slow
