@@ -73,7 +73,8 @@ def measure(architecture, image_size, batch_size, n, k, evals, steps, seed):
   return {"task": f"{architecture} {image_size}px b{batch_size}", "n": n,
           "k": k, "meta_loss_evals": evals, "steps": steps,
           "step_s": total / steps, "data_s": data.seconds / steps,
-          "data_share": data.seconds / total, "chunks_per_step": data.calls / steps}
+          "data_share": data.seconds / total,
+          "chunks_per_step": data.calls / steps}
 
 
 def main(argv=None):

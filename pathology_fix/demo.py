@@ -54,7 +54,8 @@ def heldout_check(train_log_dir, config_file=DEMO_CONFIG, seed=0):
       train_log_dir, local_training.PARAMS_PREFIX)[-1]
   thetas = {"initial": local_training.load_params(train_log_dir, 0, lopt),
             "trained": local_training.load_params(train_log_dir, latest, lopt)}
-  num_steps = int(gin.query_parameter("ConstantTruncationSchedule.total_length"))
+  num_steps = int(
+      gin.query_parameter("ConstantTruncationSchedule.total_length"))
   keys = jax.random.split(jax.random.PRNGKey(seed), HELDOUT_TASKS + 1)
   heldout = []
   for k in keys[1:]:
@@ -129,7 +130,8 @@ def main(argv=None):
                        os.path.join(args.train_log_dir, "meta_loss.png"),
                        heldout)
   setup = heldout["setup"]
-  print(f"  {'':34s}{setup['initial_params']:>12s}{setup['trained_params']:>12s}")
+  print(f"  {'':34s}{setup['initial_params']:>12s}"
+        f"{setup['trained_params']:>12s}")
   for key, label in REPORTED:
     print(f"  {label:34s}{heldout['initial'][key]:12.3f}"
           f"{heldout['trained'][key]:12.3f}")

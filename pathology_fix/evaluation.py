@@ -3,7 +3,8 @@
 The training run's `mean_loss` is read at wherever the truncated unrolls of
 that step happen to be in their inner runs, so it mostly tracks inner
 progress. Whether meta-training helped is answered here instead: whole inner
-runs with fixed keys, for two thetas side by side.
+runs with fixed data and keys, for several thetas side by side (e.g. params_0
+and the latest params of a run). One compilation per task.
 """
 
 from typing import Any, Dict, Sequence
@@ -67,7 +68,7 @@ def meta_test(tasks: Sequence[Any], lopt, thetas: Dict[str, Any],
   """Trains every task from scratch with each theta; same data and keys for all.
 
   Args:
-    tasks: LO Tasks sharing nothing but the learned optimizer.
+    tasks: LO Tasks (any mix; each is compiled once, for all thetas).
     lopt: the LearnedOptimizer whose `opt_fn(theta)` trains them.
     thetas: {name: theta} to compare.
     num_steps: inner steps per run.

@@ -53,7 +53,8 @@ def run_train(train_log_dir, *bindings, **kwargs):
   """Runs the CLI to completion; returns the CompletedProcess (text output)."""
   return subprocess.run(
       train_command(train_log_dir, *bindings, **kwargs),
-      cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+      cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+      timeout=TIMEOUT_S)
 
 
 def start_train(train_log_dir, *bindings, stdout, stderr, **kwargs):
