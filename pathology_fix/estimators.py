@@ -46,15 +46,26 @@ def max_truncation_chunks(truncation_length, steps_per_jit: int):
   return None
 
 
-def _finite_mean(tree, mask):
-  mean, _, count = combine.masked_mean_and_variance(tree, mask)
-  return mean, count
+def _single_estimator(samples, name: str, weight: float):
+  """One estimator's guarded mean and its metrics (modes "rp" and "es")."""
+  grad, stats = combine.finite_mean(samples)
+  return grad, {
+      "rp_weight_mean": jnp.asarray(weight, jnp.float32),
+      f"{name}_nonfinite": stats["nonfinite"],
+      f"num_samples_{name}": stats["count"],
+      "overflow_zeroed": stats["zeroed"],
+  }
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "variance_eps"))
 def combine_samples(losses, rp_pair_grads, eps, sigma, mode: str,
                     variance_eps: float = 1e-8):
   """Per-sample RP and ES gradients from one antithetic truncation, merged.
+
+  Every mode drops samples that are non-finite anywhere and zeroes any
+  coordinate whose result still overflows, so the gradient is always finite
+  (`combine.finite_mean` for "rp" and "es", `combine.inverse_variance_merge`
+  for "hybrid", which weighs each mean by its variance, var / count).
 
   Args:
     losses: [2, n] mean meta-losses of the theta+eps (row 0) and theta-eps
@@ -64,32 +75,27 @@ def combine_samples(losses, rp_pair_grads, eps, sigma, mode: str,
     eps: theta-shaped leaves [n, ...].
     sigma: perturbation scale.
     mode: "hybrid" (inverse-variance merge), "rp" or "es".
-    variance_eps: added to both per-coordinate variances.
+    variance_eps: added to both per-coordinate variances of the means.
 
   Returns:
-    (gradient shaped like theta, dict of scalar diagnostics).
+    (gradient shaped like theta, dict of scalar diagnostics). Every mode
+    reports ``rp_weight_mean`` (1 for "rp", 0 for "es") and
+    ``overflow_zeroed`` (coordinates set to 0), and for each estimator it
+    uses ``{rp,es}_nonfinite`` (samples dropped) and ``num_samples_{rp,es}``
+    (finite samples kept); "hybrid" adds the merge's diagnostics.
   """
-  es = variational.es_gradient_sample(losses[0], losses[1], eps, sigma)
-  es_finite = combine.per_sample_finite(es)
+  if mode not in MODES:
+    raise ValueError(f"combine_samples.mode ({mode!r}) must be one of {MODES}")
+  if mode != "rp":
+    es = variational.es_gradient_sample(losses[0], losses[1], eps, sigma)
   if mode == "es":
-    grad, count = _finite_mean(es, es_finite)
-    diagnostics = {
-        "rp_weight_mean": jnp.zeros(()),
-        "es_nonfinite": es_finite.size - count,
-    }
-    return grad, diagnostics
+    return _single_estimator(es, "es", 0.0)
   rp = variational.rp_gradient_sample(
       jax.tree_util.tree_map(lambda g: g[0], rp_pair_grads),
       jax.tree_util.tree_map(lambda g: g[1], rp_pair_grads))
-  merged, diagnostics = combine.inverse_variance_merge(rp, es, variance_eps)
   if mode == "rp":
-    rp_finite = combine.per_sample_finite(rp)
-    grad, count = _finite_mean(rp, rp_finite)
-    # Only finite samples count; with none the step is zero, never NaN.
-    grad = jax.tree_util.tree_map(lambda g: jnp.where(count > 0, g, 0), grad)
-    diagnostics = dict(diagnostics, rp_weight_mean=jnp.ones(()))
-    return grad, diagnostics
-  return merged, diagnostics
+    return _single_estimator(rp, "rp", 1.0)
+  return combine.inverse_variance_merge(rp, es, variance_eps)
 
 
 @gin.configurable
