@@ -280,13 +280,16 @@ def inverse_variance_merge(
                                   var_es)
   merged, w_rp = merge_statistics(mean_rp, var_rp, mean_es, var_es)
 
-  def select(g, m_rp, m_es):
+  def select(g, m_rp, m_es, v_rp, v_es):
+    # Both variances overflowed: NaN, so the guard below zeroes and counts it.
+    g = jnp.where(jnp.isinf(v_rp) & jnp.isinf(v_es), jnp.nan, g)
     # Exact single-estimator fallbacks, not g's rounding of them.
     return jnp.where(rp_ok & es_ok, g,
                      jnp.where(rp_ok, m_rp, jnp.where(es_ok, m_es, 0)))
 
   g, overflow_zeroed = zero_nonfinite(
-      jax.tree_util.tree_map(select, merged, mean_rp, mean_es))
+      jax.tree_util.tree_map(select, merged, mean_rp, mean_es, var_rp,
+                             var_es))
   w_rp = jax.tree_util.tree_map(
       lambda w: jnp.where(rp_ok & es_ok, w, jnp.where(rp_ok, 1, 0)
                           ).astype(w.dtype), w_rp)

@@ -23,9 +23,10 @@ def x64():
 def np_merge(rp, es, eps=EPS):
   """Independent reference: dicts of float64 arrays [n, ...] -> (g, w, vr, ve).
 
-  Drops samples with any non-finite value (in any leaf), then applies the
-  inverse-variance formula with np.var(ddof=1) + eps, falling back to the
-  estimator that has >= 2 finite samples.
+  Written from the formula (METHOD.md section 4), not from our code: drop the
+  samples with any non-finite value (in any leaf); weigh each estimator's
+  mean by the inverse variance of that MEAN, np.var(ddof=1) / count + eps;
+  fall back to the estimator that has >= 2 finite samples.
   """
   def finite_rows(tree):
     n = next(iter(tree.values())).shape[0]
@@ -39,9 +40,9 @@ def np_merge(rp, es, eps=EPS):
   for k in rp:
     r, e = rp[k][rp_ok_rows], es[k][es_ok_rows]
     shape = rp[k].shape[1:]
-    vr = np.var(r, axis=0, ddof=1) + eps if len(r) >= 2 else np.full(
+    vr = np.var(r, axis=0, ddof=1) / len(r) + eps if len(r) >= 2 else np.full(
         shape, np.inf)
-    ve = np.var(e, axis=0, ddof=1) + eps if len(e) >= 2 else np.full(
+    ve = np.var(e, axis=0, ddof=1) / len(e) + eps if len(e) >= 2 else np.full(
         shape, np.inf)
     if len(r) >= 2 and len(e) >= 2:
       g[k] = (r.mean(0) / vr + e.mean(0) / ve) / (1 / vr + 1 / ve)
@@ -94,10 +95,12 @@ def test_merge_matches_numpy_reference(x64):
   np.testing.assert_allclose(diag["es_log_var_median"],
                              np.median(np.log(_cat(ve))), rtol=1e-6)
   assert int(diag["rp_nonfinite"]) == 0 and int(diag["es_nonfinite"]) == 0
-  assert int(diag["num_samples"]) == 7
+  assert int(diag["num_samples_rp"]) == 7
+  assert int(diag["num_samples_es"]) == 7
+  assert int(diag["overflow_zeroed"]) == 0
   assert set(diag) == {"rp_weight_mean", "rp_log_var_median",
                        "es_log_var_median", "rp_nonfinite", "es_nonfinite",
-                       "num_samples"}
+                       "num_samples_rp", "num_samples_es", "overflow_zeroed"}
   for v in diag.values():
     assert jnp.shape(v) == ()
 
@@ -163,17 +166,24 @@ def test_nonfinite_rp_samples_dropped(x64, use_jit):
   merge = jax.jit(combine.inverse_variance_merge) if use_jit else (
       combine.inverse_variance_merge)
   g, diag = merge(_j(bad), _j(es))
-  keep = np.array([i not in (2, 5) for i in range(7)])
-  filtered = {k: v[keep] for k, v in rp.items()}
-  g_filt, _ = combine.inverse_variance_merge(_j(filtered), _j(es))
-  _assert_tree_close(g, {k: np.asarray(v) for k, v in g_filt.items()},
-                     rtol=1e-12)
-  g_ref, w_ref, _, _ = np_merge(bad, es)
+  g_ref, w_ref, vr, _ = np_merge(bad, es)
   _assert_tree_close(g, g_ref, rtol=1e-6)
   np.testing.assert_allclose(diag["rp_weight_mean"], _cat(w_ref).mean(),
                              rtol=1e-6)
+  np.testing.assert_allclose(diag["rp_log_var_median"],
+                             np.median(np.log(_cat(vr))), rtol=1e-6)
+  # 5 RP samples left against 7 ES: weighing per-sample variances (ignoring
+  # the counts) would move the result well outside the tolerance above.
+  gap = 0.0
+  for k in rp:
+    r, e = rp[k][[0, 1, 3, 4, 6]], es[k]
+    p_r, p_e = 1 / r.var(0, ddof=1), 1 / e.var(0, ddof=1)
+    per_sample = (p_r * r.mean(0) + p_e * e.mean(0)) / (p_r + p_e)
+    gap = max(gap, np.max(np.abs(per_sample - g_ref[k]) / np.abs(g_ref[k])))
+  assert gap > 1e-3
   assert int(diag["rp_nonfinite"]) == 2 and int(diag["es_nonfinite"]) == 0
-  assert int(diag["num_samples"]) == 7
+  assert int(diag["num_samples_rp"]) == 5
+  assert int(diag["num_samples_es"]) == 7
   assert all(np.all(np.isfinite(v)) for v in g.values())
 
 
@@ -183,12 +193,9 @@ def test_nonfinite_es_samples_dropped(x64):
   g, diag = combine.inverse_variance_merge(_j(rp), _j(bad))
   g_ref, _, _, _ = np_merge(rp, bad)
   _assert_tree_close(g, g_ref, rtol=1e-6)
-  keep = np.array([i not in (0, 6) for i in range(7)])
-  g_filt, _ = combine.inverse_variance_merge(
-      _j(rp), _j({k: v[keep] for k, v in es.items()}))
-  _assert_tree_close(g, {k: np.asarray(v) for k, v in g_filt.items()},
-                     rtol=1e-12)
   assert int(diag["es_nonfinite"]) == 2 and int(diag["rp_nonfinite"]) == 0
+  assert int(diag["num_samples_es"]) == 5
+  assert int(diag["num_samples_rp"]) == 7
 
 
 @pytest.mark.parametrize("num_finite", [0, 1])
@@ -197,10 +204,9 @@ def test_too_few_finite_rp_uses_es_alone(x64, num_finite):
   rows = range(num_finite, 7)
   bad = _inject(rp, [("a", (i, 0, 0), np.nan) for i in rows])
   g, diag = jax.jit(combine.inverse_variance_merge)(_j(bad), _j(es))
-  es_mean, _, _ = combine.masked_mean_and_variance(_j(es), jnp.ones(7, bool))
   for k in es:
-    np.testing.assert_array_equal(g[k], es_mean[k])  # exact, no mixing
-    np.testing.assert_allclose(g[k], es[k].mean(0), rtol=1e-12)
+    # To float64 round-off: no trace of the RP mean mixed in.
+    np.testing.assert_allclose(g[k], es[k].mean(0), rtol=1e-13)
   assert float(diag["rp_weight_mean"]) == 0.0
   assert float(diag["rp_log_var_median"]) == np.inf
   assert np.isfinite(float(diag["es_log_var_median"]))
@@ -236,6 +242,25 @@ def test_overflowing_rp_variance_falls_back_to_es():
   assert all(np.all(np.isfinite(v)) for v in g.values())
   np.testing.assert_allclose(g["a"], es["a"].mean(0), rtol=1e-4, atol=1e-5)
   assert int(diag["rp_nonfinite"]) == 0
+  assert int(diag["overflow_zeroed"]) == 0  # a fallback, not a zeroing
+
+
+def test_overflowing_mean_in_both_is_zeroed_and_counted():
+  # 16 finite float32 samples of 3e37 sum to inf in both estimators.
+  rp, es = _batch(9, n=16, dtype=np.float32)
+  rp["a"][:, 1, 2] = 3e37
+  es["a"][:, 1, 2] = 3e37
+  g, diag = jax.jit(combine.inverse_variance_merge)(_j(rp), _j(es))
+  assert float(g["a"][1, 2]) == 0.0
+  assert int(diag["overflow_zeroed"]) == 1
+  assert int(diag["rp_nonfinite"]) == 0 and int(diag["es_nonfinite"]) == 0
+  g_ref, _, _, _ = np_merge({k: v.astype(np.float64) for k, v in rp.items()},
+                            {k: v.astype(np.float64) for k, v in es.items()})
+  others = np.ones((3, 4), bool)
+  others[1, 2] = False
+  np.testing.assert_allclose(np.asarray(g["a"])[others], g_ref["a"][others],
+                             rtol=2e-4, atol=1e-6)
+  np.testing.assert_allclose(g["b"], g_ref["b"], rtol=2e-4, atol=1e-6)
 
 
 def test_merge_variance_at_most_best_estimator():
@@ -300,3 +325,85 @@ def test_rejects_mismatched_trees():
                                     "b": jnp.ones((4,))},
                                    {"a": jnp.ones((3, 2)),
                                     "b": jnp.ones((3,))})
+
+
+def _np_merge_batched(rp, es, rp_finite, eps=EPS):
+  """The formula over repetitions: rp, es [reps, n, d]; rp_finite [n] bool.
+
+  Written from METHOD.md section 4 with numpy, independently of `np_merge`'s
+  loops: each mean is weighted by 1 / (var(ddof=1) / count + eps).
+  """
+  r, e = rp[:, rp_finite], es
+  v_r = r.var(axis=1, ddof=1) / r.shape[1] + eps
+  v_e = e.var(axis=1, ddof=1) / e.shape[1] + eps
+  w = (1 / v_r) / (1 / v_r + 1 / v_e)
+  return w * r.mean(axis=1) + (1 - w) * e.mean(axis=1), w
+
+
+@pytest.mark.parametrize("rp_kept", [8, 32])
+def test_unequal_counts_merge_is_no_noisier_than_the_better_mean(rp_kept):
+  """RP keeps rp_kept of 128 samples (the rest are NaN), ES keeps all 128.
+
+  Per coordinate the RP spread relative to ES varies, so either estimator can
+  be the better one; the merge must be within 1.2x of the better MEAN's
+  variance, var / count. Weighing per-sample variances (ignoring the counts)
+  gives 5x the ES variance for 8 equal-spread RP samples.
+  """
+  n, reps = 128, 4000
+  rng = np.random.default_rng(rp_kept)
+  # RP per-sample std relative to ES: RP clearly worse, equal spread,
+  # comparable means (std ratio sqrt(rp_kept / n)), RP clearly better.
+  rp_std = np.array([10.0, 1.0, np.sqrt(rp_kept / n), 0.1, 0.01])
+  d = rp_std.size
+  mu = rng.normal(size=d)
+  rp = mu + rp_std * rng.normal(size=(reps, n, d))
+  es = mu + rng.normal(size=(reps, n, d))
+  rp_finite = np.arange(n) < rp_kept
+  rp[:, ~rp_finite, 0] = np.nan  # drops the whole sample
+  g, diag = jax.jit(jax.vmap(combine.inverse_variance_merge))(
+      {"x": jnp.asarray(rp, jnp.float32)}, {"x": jnp.asarray(es, jnp.float32)})
+  g = np.asarray(g["x"], np.float64)
+
+  g_ref, w_ref = _np_merge_batched(rp, es, rp_finite)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(diag["rp_weight_mean"]),
+                             w_ref.mean(axis=1), rtol=1e-3, atol=1e-5)
+  assert np.all(np.asarray(diag["num_samples_rp"]) == rp_kept)
+  assert np.all(np.asarray(diag["num_samples_es"]) == n)
+  assert np.all(np.asarray(diag["rp_nonfinite"]) == n - rp_kept)
+
+  best = np.minimum(rp_std**2 / rp_kept, 1.0 / n)  # true variances of means
+  ratio = g.var(axis=0, ddof=1) / best
+  print(f"{rp_kept} of {n} RP samples: var(merged) / var(better mean) = "
+        f"{np.array2string(ratio, precision=3)}")
+  assert np.all(ratio <= 1.2), ratio
+  # Unbiased here (symmetric samples): within 4 standard errors of mu.
+  se = np.sqrt(g.var(axis=0, ddof=1) / reps)
+  assert np.all(np.abs(g.mean(axis=0) - mu) <= 4 * se)
+  # Equal spread: the weight is about rp_kept / (rp_kept + n), not 0.5.
+  w_equal = float(np.mean(w_ref[:, 1]))
+  assert abs(w_equal - rp_kept / (rp_kept + n)) < 0.05, w_equal
+
+
+def test_documented_bias_on_skewed_rp():
+  """Re-measures the bias figure in combine's docstring (and the README).
+
+  RP samples exp(N(0, 1)) (skewed; mean e^0.5, variance (e - 1) e), ES
+  samples normal with the same mean and variance, n = 128 each. The weights
+  use the same samples as the means; a lognormal sample mean and its sample
+  variance rise together, so the RP weight is low exactly when its mean is
+  high: documented bias -0.018.
+  """
+  n, reps = 128, 20000
+  rng = np.random.default_rng(2024)
+  mu, var = np.exp(0.5), (np.e - 1) * np.e
+  rp = np.exp(rng.normal(size=(reps, n, 1)))
+  es = mu + np.sqrt(var) * rng.normal(size=(reps, n, 1))
+  g, _ = jax.jit(jax.vmap(combine.inverse_variance_merge))(
+      {"x": jnp.asarray(rp, jnp.float32)}, {"x": jnp.asarray(es, jnp.float32)})
+  g = np.asarray(g["x"], np.float64)[:, 0]
+  bias = g.mean() - mu
+  se = g.std(ddof=1) / np.sqrt(reps)
+  print(f"bias {bias:.4f} +- {se:.4f} (sd of merged {g.std(ddof=1):.3f})")
+  assert abs(bias - (-0.018)) <= 4 * se + 0.001
+  assert bias < -5 * se  # a real, documented bias, not noise
