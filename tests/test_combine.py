@@ -364,6 +364,11 @@ def test_unequal_counts_merge_is_no_noisier_than_the_better_mean(rp_kept):
       {"x": jnp.asarray(rp, jnp.float32)}, {"x": jnp.asarray(es, jnp.float32)})
   g = np.asarray(g["x"], np.float64)
 
+  best = np.minimum(rp_std**2 / rp_kept, 1.0 / n)  # true variances of means
+  ratio = g.var(axis=0, ddof=1) / best
+  print(f"{rp_kept} of {n} RP samples: var(merged) / var(better mean) = "
+        f"{np.array2string(ratio, precision=3)}")
+  assert np.all(ratio <= 1.2), ratio
   g_ref, w_ref = _np_merge_batched(rp, es, rp_finite)
   np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(np.asarray(diag["rp_weight_mean"]),
@@ -372,11 +377,6 @@ def test_unequal_counts_merge_is_no_noisier_than_the_better_mean(rp_kept):
   assert np.all(np.asarray(diag["num_samples_es"]) == n)
   assert np.all(np.asarray(diag["rp_nonfinite"]) == n - rp_kept)
 
-  best = np.minimum(rp_std**2 / rp_kept, 1.0 / n)  # true variances of means
-  ratio = g.var(axis=0, ddof=1) / best
-  print(f"{rp_kept} of {n} RP samples: var(merged) / var(better mean) = "
-        f"{np.array2string(ratio, precision=3)}")
-  assert np.all(ratio <= 1.2), ratio
   # Unbiased here (symmetric samples): within 4 standard errors of mu.
   se = np.sqrt(g.var(axis=0, ddof=1) / reps)
   assert np.all(np.abs(g.mean(axis=0) - mu) <= 4 * se)
