@@ -172,9 +172,10 @@ def test_mixture_keeps_the_other_estimators_gradient(cls):
     single, metrics = est.compute_gradient_estimate(weights, rng, state)
     singles.append((float(single.grad["log_lr"]), metrics))
   (g_ours, m_ours), (g_other, _) = singles
+  mixed = float(out.to_put.theta_grads["log_lr"])
+  assert g_other != 0.0 and np.isfinite(g_ours), (g_ours, g_other)
+  np.testing.assert_allclose(mixed, (g_ours + g_other) / 2, rtol=1e-6)
+  assert g_ours == 0.0
   assert int(m_ours["mean||overflow_zeroed"]) == 1  # it did overflow
   assert int(m_ours["mean||num_samples_rp"]) == N   # from finite samples
-  assert g_ours == 0.0 and g_other != 0.0
-  mixed = float(out.to_put.theta_grads["log_lr"])
-  np.testing.assert_allclose(mixed, (g_ours + g_other) / 2, rtol=1e-6)
   assert out.metrics["mean||steep/overflow_zeroed"] == 1
