@@ -33,11 +33,13 @@ def sgdm_theta(lr=0.1, momentum=0.9):
   return lopt_base.LearnableSGDM(lr, momentum).init(jax.random.PRNGKey(0))
 
 
-def reference_meta_loss(log_lr, one_minus_momentum, num_steps):
+def reference_meta_loss(log_lr, one_minus_momentum, num_steps,
+                        max_loss=float("inf")):
   """Mean over steps of the loss before each SGD+momentum step (LO's convention).
 
   Written from the optimizer's definition: m <- g + mu m; w <- w - lr m, with
-  lr = exp(log_lr) and mu = 1 - exp(one_minus_momentum).
+  lr = exp(log_lr) and mu = 1 - exp(one_minus_momentum). Each step's loss is
+  clipped at ``max_loss`` (the estimators' ``max_loss``; inf: no clip).
   """
   lr = jnp.exp(log_lr)
   mu = 1.0 - jnp.exp(one_minus_momentum)
@@ -45,24 +47,25 @@ def reference_meta_loss(log_lr, one_minus_momentum, num_steps):
   m = jnp.zeros_like(w)
   total = 0.0
   for _ in range(num_steps):
-    total = total + 0.5 * jnp.sum(CURVATURE * w**2)
+    total = total + jnp.minimum(0.5 * jnp.sum(CURVATURE * w**2), max_loss)
     m = CURVATURE * w + mu * m
     w = w - lr * m
   return total / num_steps
 
 
-def reference_smoothed_gradient(theta, sigma, num_steps, nodes=24):
+def reference_smoothed_gradient(theta, sigma, num_steps, nodes=24,
+                                max_loss=float("inf")):
   """E_eps[grad L(theta + eps)], eps ~ N(0, sigma^2 I_2), by Gauss-Hermite."""
   x, w = np.polynomial.hermite.hermgauss(nodes)
   grad_fn = jax.jit(jax.grad(reference_meta_loss, argnums=(0, 1)),
-                    static_argnums=2)
+                    static_argnums=(2, 3))
   a0 = float(theta["log_lr"])
   b0 = float(theta["one_minus_momentum"])
   g = np.zeros(2)
   for xi, wi in zip(x, w):
     for xj, wj in zip(x, w):
       da, db = grad_fn(a0 + np.sqrt(2) * sigma * xi,
-                       b0 + np.sqrt(2) * sigma * xj, num_steps)
+                       b0 + np.sqrt(2) * sigma * xj, num_steps, max_loss)
       g += wi * wj * np.array([float(da), float(db)])
   return {"log_lr": g[0] / np.pi, "one_minus_momentum": g[1] / np.pi}
 
