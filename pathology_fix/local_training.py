@@ -193,13 +193,13 @@ def restore_latest_checkpoint(
       restored = checkpoints.load_state(path, template)
     except Exception as e:  # pylint: disable=broad-except
       # Any failure to parse (truncated msgpack, wrong structure) means the
-      # same thing here: this file cannot be resumed from.
-      logging.warning("Cannot restore %s (%s: %s); trying an older one.", path,
-                      type(e).__name__, e)
+      # same thing here: this file cannot be resumed from. Warned about only
+      # if an older one restores; else the CheckpointError says it all.
       unreadable.append((path, e))
       continue
-    for bad_path, _ in unreadable:
-      logging.warning("Removing unreadable %s.", bad_path)
+    for bad_path, error in unreadable:
+      logging.warning("Cannot restore %s (%s: %s); removing it and resuming "
+                      "from %s.", bad_path, type(error).__name__, error, path)
       _remove_file(bad_path)
     for later in checkpoint_steps(train_log_dir, PARAMS_PREFIX):
       if later > step:
