@@ -31,7 +31,7 @@ def check_steps_per_jit(steps_per_jit: int, name: str = "steps_per_jit"
 
 
 def check_jitter(jitter: Tuple[float, float], prefix: str = "") -> None:
-  """Raises ValueError unless ``jitter = (low, high)`` with ``0 < low <= high``."""
+  """Raises ValueError unless ``jitter`` is ``(low, high)``, ``0 < low <= high``."""
   try:
     low, high = (float(j) for j in jitter)
   except (TypeError, ValueError) as e:

@@ -43,7 +43,7 @@ def max_truncation_chunks(truncation_length, steps_per_jit: int):
 
 def _resolve_unroll_length(name: str, unroll_length: Optional[int],
                            trunc_length: Optional[int]) -> int:
-  """`unroll_length` (LO's TruncatedGrad) or its alias `trunc_length` (TruncatedPES)."""
+  """unroll_length (LO TruncatedGrad's name) or trunc_length (TruncatedPES's)."""
   if trunc_length is None:
     return DEFAULT_UNROLL_LENGTH if unroll_length is None else unroll_length
   if unroll_length is not None and unroll_length != trunc_length:

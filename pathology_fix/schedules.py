@@ -24,7 +24,7 @@ class TruncationLength:
     raise NotImplementedError
 
   def max_chunks(self, steps_per_jit: int) -> Optional[int]:
-    """Most chunks of steps_per_jit steps one truncation can take; None: unknown."""
+    """Most chunks of steps_per_jit steps a truncation can take; None: unknown."""
     del steps_per_jit
     return None
 

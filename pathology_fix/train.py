@@ -37,6 +37,7 @@ import gin
 import pathology_fix  # pylint: disable=unused-import  # compat before LO
 from learned_optimization import outer_train  # pylint: disable=g-bad-import-order
 from learned_optimization import setup_experiment  # pylint: disable=g-bad-import-order  # defines the flags
+from pathology_fix import data
 from pathology_fix import local_training
 
 FLAGS = flags.FLAGS
@@ -55,8 +56,12 @@ _GIN_PARSE_ERRORS = (ValueError, ImportError, SyntaxError, tokenize.TokenError,
                      OSError)
 
 
-# Configurables whose bodies run the training (not build it).
+# What a configurable raises for a bad value (or a dataset that isn't there).
+_CONFIG_ERRORS = (ValueError, TypeError, data.DatasetNotFoundError)
+# Configurables whose bodies run the training (not build it), and those
+# which build what the training loop uses.
 _TRAINING_LOOPS = ("run_train", "resumable_local_train")
+_BUILDERS = ("build_gradient_estimators",)
 # What gin appends to an exception raised inside a configurable, innermost
 # first: "In call to configurable 'NAME' (<function f at 0x..>) in scope 'S'".
 _GIN_CALL = re.compile(r"In call to configurable '([^']+)' \((.*?)\)"
@@ -78,7 +83,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def _gin_calls(error: BaseException) -> List[Tuple[str, str, str]]:
-  """(configurable, python name, scope) of each configurable call, innermost first."""
+  """(configurable, python name, scope) of gin's calls, innermost first."""
   calls = []
   for line in str(error).splitlines():
     match = _GIN_CALL.match(line.strip())
@@ -114,24 +119,36 @@ def _raised_in(error: BaseException) -> str:
 def _is_config_error(error: BaseException) -> bool:
   """A ValueError/TypeError of a configurable rejecting its (gin) arguments.
 
-  Raised inside a configurable other than the training loops, or by a loop's
-  own argument checks (not by the training it runs).
+  Raised while gin evaluates run_train's arguments, by a training loop's own
+  argument checks, or while the loop builds its estimators (with their task
+  families, data and schedules); not by the training steps that follow.
   """
-  if not isinstance(error, (ValueError, TypeError)):
+  if not isinstance(error, _CONFIG_ERRORS):
     return False
   calls = _gin_calls(error)
   if not calls:
     return False
+  names = [name for name, _, _ in calls]
   name, python_name, _ = calls[0]
-  return name not in _TRAINING_LOOPS or _raised_in(error) == python_name
+  if name in _TRAINING_LOOPS:
+    return _raised_in(error) == python_name
+  loops = [i for i, n in enumerate(names) if n in _TRAINING_LOOPS]
+  if not loops:
+    return False
+  if names[loops[0]] == "run_train":
+    return True  # evaluating run_train's arguments, before it trains
+  return any(n in _BUILDERS for n in names[:loops[0]])
 
 
 def _binding(key: str) -> Optional[str]:
-  """"KEY = value" if gin has KEY bound (in any scope run_train left), else None."""
-  scoped = key.split("/")[-1]
-  for candidate in (key, f"default_scope/{scoped}"):
+  """"KEY = value" if gin has KEY bound, else None.
+
+  run_train moves every binding into scope "default_scope": look there too.
+  """
+  unscoped = key.split("/")[-1]
+  for candidate in (key, f"default_scope/{unscoped}"):
     try:
-      return f"{scoped} = {gin.query_parameter(candidate)!r}"
+      return f"{unscoped} = {gin.query_parameter(candidate)!r}"
     except (ValueError, KeyError):
       continue
   return None
@@ -213,7 +230,7 @@ def _check_resumable(train_log_dir: str):
 
 
 class _RunDirectory:
-  """What train_log_dir held before this run, to undo a run that failed to start.
+  """What train_log_dir held before this run, to undo one that failed to start.
 
   Files this run created go; config.gin gets its old contents back; a
   directory this run created (parents included) goes entirely.
@@ -226,6 +243,7 @@ class _RunDirectory:
     while not os.path.exists(parent):
       self.created_root, parent = parent, os.path.dirname(parent)
     self.names = set() if self.created_root else set(os.listdir(self.path))
+    self.steps = set(local_training.checkpoint_steps(self.path))
     self.config = self._read("config.gin")
 
   def _read(self, name: str) -> Optional[bytes]:
@@ -237,10 +255,8 @@ class _RunDirectory:
 
   def trained(self) -> bool:
     """Whether this run saved a checkpoint after an outer step."""
-    pattern = re.compile(re.escape(local_training.CHECKPOINT_PREFIX) + r"\d+$")
-    new = self._new_names()
-    return any(pattern.match(n) and n != f"{local_training.CHECKPOINT_PREFIX}0"
-               for n in new)
+    new = set(local_training.checkpoint_steps(self.path)) - self.steps
+    return any(step > 0 for step in new)
 
   def _new_names(self):
     try:
@@ -286,7 +302,7 @@ def _train():
       if "Required bindings" in str(e):
         raise UsageError(f"gin config: {_one_line(e)}") from e
       raise
-    except (ValueError, TypeError) as e:
+    except _CONFIG_ERRORS as e:
       if _is_config_error(e):
         raise UsageError(_describe_config_error(e)) from e
       raise
