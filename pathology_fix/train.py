@@ -354,10 +354,12 @@ def _parse_flags(argv):
 def execute(argv: Sequence[str]) -> int:
   """`python -m pathology_fix.train ARGS` in this process; returns the status.
 
-  argv[0] is the program name. Flags and the gin config are reset first and
-  cleared afterwards; absl's app set-up (logging handlers, signal handling)
-  is skipped. For tests and for embedding the CLI in another program.
+  argv[0] is the program name. absl's flags and the gin config are reset
+  first; afterwards the gin config is cleared, and the flags too unless they
+  had been parsed before. absl's app set-up (logging handlers, signal
+  handling) is skipped. For tests and for embedding the CLI in a program.
   """
+  flags_were_parsed = FLAGS.is_parsed()
   FLAGS.unparse_flags()
   gin.clear_config()
   try:
@@ -368,7 +370,8 @@ def execute(argv: Sequence[str]) -> int:
     return main(remaining)
   finally:
     gin.clear_config()
-    FLAGS.unparse_flags()
+    if not flags_were_parsed:
+      FLAGS.unparse_flags()
 
 
 def run():

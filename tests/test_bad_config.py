@@ -10,6 +10,8 @@ as it was (same files, same bytes). Most cases run in this process through
 import hashlib
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -60,8 +62,8 @@ def _checkpoint_of(*bindings):
   return make
 
 
-# (id, command-line arguments after the program name with {run} for the run
-# directory, set-up of the run directory or None, substrings of the error).
+# (id, gin bindings and flags ("-..."; "extra" is a stray positional
+# argument), set-up of the run directory or None, substrings of the error).
 CASES = [
     # Estimators.
     ("sigma", ["VariationalEstimator.sigma = -1.0"], None,
@@ -156,18 +158,20 @@ def _argv(run_dir, args):
 
 
 def _snapshot(path: pathlib.Path):
-  """Every file under `path` with a hash of its bytes; None if path is absent."""
+  """{relative path: sha256 of its bytes, or "dir"}; None if path is absent."""
   if not path.exists():
     return None
   if path.is_file():
     return hashlib.sha256(path.read_bytes()).hexdigest()
-  return {
-      os.path.relpath(os.path.join(root, name), path):
-          hashlib.sha256(pathlib.Path(root, name).read_bytes()).hexdigest()
-      for root, dirs, files in os.walk(path) for name in files + dirs
-      if os.path.isfile(os.path.join(root, name))
-  } | {os.path.relpath(os.path.join(root, d), path) + "/": "dir"
-       for root, dirs, _ in os.walk(path) for d in dirs}
+  entries = {}
+  for root, dirs, files in os.walk(path):
+    for name in dirs:
+      entries[os.path.relpath(os.path.join(root, name), path)] = "dir"
+    for name in files:
+      full = pathlib.Path(root, name)
+      entries[os.path.relpath(full, path)] = hashlib.sha256(
+          full.read_bytes()).hexdigest()
+  return entries
 
 
 def _check_one_error_line(stderr, expected, case):
@@ -231,8 +235,8 @@ def test_in_a_subprocess(tmp_path, case):
   if make_run_dir is not None:
     make_run_dir(run_dir)
   before = _snapshot(run_dir)
-  cmd = [cli_utils.sys.executable, "-m"] + _argv(run_dir, args)
-  proc = cli_utils.subprocess.run(
+  cmd = [sys.executable, "-m"] + _argv(run_dir, args)
+  proc = subprocess.run(
       cmd, cwd=cli_utils.REPO, env=cli_utils.subprocess_env(),
       capture_output=True, text=True, timeout=cli_utils.TIMEOUT_S)
   assert proc.returncode == 2, cli_utils.describe(proc)
