@@ -23,8 +23,27 @@ def _is_int(x) -> bool:
       float(x).is_integer())
 
 
+def check_steps_per_jit(steps_per_jit: int, name: str = "steps_per_jit"
+                       ) -> None:
+  """Raises ValueError unless ``steps_per_jit`` is an integer ``>= 1``."""
+  if not (_is_int(steps_per_jit) and steps_per_jit >= 1):
+    raise ValueError(f"{name} ({steps_per_jit!r}) must be an integer >= 1")
+
+
+def check_jitter(jitter: Tuple[float, float], prefix: str = "") -> None:
+  """Raises ValueError unless ``jitter`` is ``(low, high)``, ``0 < low <= high``."""
+  try:
+    low, high = (float(j) for j in jitter)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{prefix}jitter ({jitter!r}) must be a pair (low, high) "
+                     "with 0 < low <= high") from e
+  if not (0.0 < low <= high and math.isfinite(high)):
+    raise ValueError(
+        f"{prefix}jitter ({jitter!r}) must satisfy 0 < low <= high")
+
+
 def validate_curriculum(k_min: float, k_max: float, num_iterations: int,
-                        steps_per_jit: int) -> None:
+                        steps_per_jit: int, prefix: str = "") -> None:
   """Checks a curriculum configuration.
 
   Args:
@@ -32,41 +51,72 @@ def validate_curriculum(k_min: float, k_max: float, num_iterations: int,
     k_max: mean truncation length from ``num_iterations`` on, ``>= k_min``.
     num_iterations: outer iterations over which the mean grows, ``>= 1``.
     steps_per_jit: inner steps per jitted chunk, an integer ``>= 1``.
+    prefix: qualifies k_min, k_max and num_iterations in messages, e.g.
+      ``"LinearTruncationCurriculum."``.
 
   Raises:
     ValueError: naming the offending parameter and its allowed range.
   """
   if not (isinstance(k_min, (int, float, np.integer, np.floating)) and
-          k_min >= 1):
-    raise ValueError(f"k_min ({k_min!r}) must be >= 1")
+          not isinstance(k_min, bool) and k_min >= 1):
+    raise ValueError(f"{prefix}k_min ({k_min!r}) must be >= 1")
   if not (isinstance(k_max, (int, float, np.integer, np.floating)) and
-          math.isfinite(k_max)):
-    raise ValueError(f"k_max ({k_max!r}) must be a finite number >= k_min")
+          not isinstance(k_max, bool) and math.isfinite(k_max)):
+    raise ValueError(
+        f"{prefix}k_max ({k_max!r}) must be a finite number >= k_min")
   if k_min > k_max:
-    raise ValueError(f"k_min ({k_min!r}) must be <= k_max ({k_max!r})")
+    raise ValueError(
+        f"{prefix}k_min ({k_min!r}) must be <= {prefix}k_max ({k_max!r})")
   if not (_is_int(num_iterations) and num_iterations >= 1):
     raise ValueError(
-        f"num_iterations ({num_iterations!r}) must be an integer >= 1")
-  if not (_is_int(steps_per_jit) and steps_per_jit >= 1):
-    raise ValueError(
-        f"steps_per_jit ({steps_per_jit!r}) must be an integer >= 1")
+        f"{prefix}num_iterations ({num_iterations!r}) must be an integer >= 1")
+  check_steps_per_jit(steps_per_jit)
 
 
-def check_unroll_length(unroll_length: int, steps_per_jit: int) -> None:
+def check_unroll_length(unroll_length: int, steps_per_jit: int,
+                        name: str = "unroll_length",
+                        steps_per_jit_name: str = "steps_per_jit") -> None:
   """Checks that a fixed unroll length is made of whole jitted chunks.
+
+  Args:
+    unroll_length: inner steps of every truncation.
+    steps_per_jit: inner steps per jitted chunk.
+    name, steps_per_jit_name: how messages call the two, e.g.
+      ``"HybridRPES.unroll_length"``.
 
   Raises:
     ValueError: unless ``unroll_length`` is a positive integer multiple of
       ``steps_per_jit`` (itself a positive integer).
   """
-  if not (_is_int(steps_per_jit) and steps_per_jit >= 1):
-    raise ValueError(
-        f"steps_per_jit ({steps_per_jit!r}) must be an integer >= 1")
+  check_steps_per_jit(steps_per_jit, steps_per_jit_name)
   if not (_is_int(unroll_length) and unroll_length >= 1 and
           int(unroll_length) % int(steps_per_jit) == 0):
     raise ValueError(
-        f"unroll_length ({unroll_length!r}) must be a positive multiple of "
-        f"steps_per_jit ({steps_per_jit!r})")
+        f"{name} ({unroll_length!r}) must be a positive multiple of "
+        f"{steps_per_jit_name} ({steps_per_jit!r})")
+
+
+def round_to_chunks(length: float, steps_per_jit: int) -> int:
+  """Whole chunks nearest to ``length`` steps, at least one.
+
+    chunks = max(1, floor(length / steps_per_jit + 1/2))
+
+  Rounds half up (Python's ``round`` rounds half to even). Monotone in
+  ``length``, so the longest length a schedule draws gives its most chunks.
+  """
+  return max(1, int(math.floor(float(length) / int(steps_per_jit) + 0.5)))
+
+
+def max_curriculum_chunks(k_max: float, jitter: Tuple[float, float],
+                          steps_per_jit: int) -> int:
+  """Most chunks of ``steps_per_jit`` that one curriculum draw can take.
+
+    round_to_chunks(k_max * jitter[1], steps_per_jit)
+
+  since mean(t) <= k_max, u <= jitter[1] and the rounding is monotone
+  (arguments as in ``validate_curriculum`` and ``sample_truncation_length``).
+  """
+  return round_to_chunks(float(k_max) * float(jitter[1]), steps_per_jit)
 
 
 def curriculum_mean(outer_iteration: int, k_min: float, k_max: float,
@@ -120,9 +170,8 @@ def sample_truncation_length(rng: np.random.Generator,
     A Python int ``>= 1``.
   """
   validate_curriculum(k_min, k_max, num_iterations, steps_per_jit)
+  check_jitter(jitter)
   low, high = (float(j) for j in jitter)
-  if not (0.0 < low <= high and math.isfinite(high)):
-    raise ValueError(f"jitter ({jitter!r}) must satisfy 0 < low <= high")
   if steps_left is not None and steps_left < 1:
     raise ValueError(
         f"steps_left ({steps_left!r}) must be >= 1; reset the inner run "
@@ -130,9 +179,7 @@ def sample_truncation_length(rng: np.random.Generator,
   steps_per_jit = int(steps_per_jit)
   target = curriculum_mean(outer_iteration, k_min, k_max, num_iterations)
   target *= rng.uniform(low, high)
-  # Round half up (Python's round() is banker's rounding).
-  chunks = max(1, int(math.floor(target / steps_per_jit + 0.5)))
-  length = chunks * steps_per_jit
+  length = round_to_chunks(target, steps_per_jit) * steps_per_jit
   if steps_left is not None:
     length = min(length, int(steps_left))
   return int(length)

@@ -105,14 +105,6 @@ _STATS: Dict[Tuple[Any, ...], Tuple[float, float]] = {}
 _LOCK = threading.RLock()
 
 
-def clear_cache():
-  """Drops every decoded / resized array (frees memory; mainly for tests)."""
-  with _LOCK:
-    _SOURCES.clear()
-    _RESIZED.clear()
-    _STATS.clear()
-
-
 def read_idx_gz(path: str) -> np.ndarray:
   """Decodes one gzipped idx file (the MNIST format) into a uint8 array.
 
@@ -282,44 +274,46 @@ def _check_choice(name: str, value: Any, allowed: Sequence[Any]):
     raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
 
 
-def _check_image_size(image_size: Union[int, Sequence[int]]) -> int:
+def _check_image_size(image_size: Union[int, Sequence[int]],
+                      prefix: str = "") -> int:
   """Accepts 14 or (14, 14) (LO passes sizes as tuples); returns the int."""
   size = image_size
   if isinstance(size, (tuple, list)):
     if len(size) != 2 or size[0] != size[1]:
-      raise ValueError("image_size must be one of "
+      raise ValueError(f"{prefix}image_size must be one of "
                        f"{IMAGE_SIZES} (or a square (n, n) tuple), got "
                        f"{image_size!r}")
     size = size[0]
   if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
-    raise ValueError(f"image_size must be one of {IMAGE_SIZES}, got "
+    raise ValueError(f"{prefix}image_size must be one of {IMAGE_SIZES}, got "
                      f"{image_size!r}")
-  _check_choice("image_size", int(size), IMAGE_SIZES)
+  _check_choice(f"{prefix}image_size", int(size), IMAGE_SIZES)
   return int(size)
 
 
-def _check_classes(classes: Optional[Sequence[int]],
-                   num_classes: int) -> Tuple[int, ...]:
+def _check_classes(classes: Optional[Sequence[int]], num_classes: int,
+                   prefix: str = "") -> Tuple[int, ...]:
   """None -> all classes; else distinct ints in [0, num_classes), >= 2."""
   if classes is None:
     return tuple(range(num_classes))
   try:
     out = tuple(int(c) for c in np.asarray(classes).reshape(-1))
   except (TypeError, ValueError) as e:
-    raise ValueError(f"classes must be a sequence of class ids in "
+    raise ValueError(f"{prefix}classes must be a sequence of class ids in "
                      f"[0, {num_classes}), got {classes!r}") from e
   if (len(out) < 2 or len(set(out)) != len(out) or
       any(c < 0 or c >= num_classes for c in out)):
-    raise ValueError(f"classes must hold at least 2 distinct class ids in "
-                     f"[0, {num_classes}) (or be None for all), got "
+    raise ValueError(f"{prefix}classes must hold at least 2 distinct class ids "
+                     f"in [0, {num_classes}) (or be None for all), got "
                      f"{classes!r}")
   return out
 
 
-def _check_batch_size(batch_size: int) -> int:
+def _check_batch_size(batch_size: int, prefix: str = "") -> int:
   if (isinstance(batch_size, bool) or
       not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
-    raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    raise ValueError(
+        f"{prefix}batch_size must be an int >= 1, got {batch_size!r}")
   return int(batch_size)
 
 
@@ -490,12 +484,17 @@ def _build(source: _Source, split_parts: Mapping[str, Tuple[str, np.ndarray]],
                               batch_size, seed, extra_info)
 
 
-def _check_options(batch_size, image_size, normalization, resize_method):
-  """The options every dataset constructor takes; returns (batch, size)."""
-  batch_size = _check_batch_size(batch_size)
-  size = _check_image_size(image_size)
-  _check_choice("normalization", normalization, NORMALIZATIONS)
-  _check_choice("resize_method", resize_method, RESIZE_METHODS)
+def _check_options(owner, batch_size, image_size, normalization,
+                   resize_method):
+  """The options every dataset constructor takes; returns (batch, size).
+
+  Messages name them `<owner>.<option>`.
+  """
+  prefix = f"{owner}."
+  batch_size = _check_batch_size(batch_size, prefix)
+  size = _check_image_size(image_size, prefix)
+  _check_choice(f"{prefix}normalization", normalization, NORMALIZATIONS)
+  _check_choice(f"{prefix}resize_method", resize_method, RESIZE_METHODS)
   return batch_size, size
 
 
@@ -527,10 +526,11 @@ def fashion_mnist_datasets(batch_size: int = 128,
   Returns:
     OfflineImageDatasets yielding {"image": f32 [B, S, S, 1], "label": i32 [B]}.
   """
-  batch_size, size = _check_options(batch_size, image_size, normalization,
-                                    resize_method)
+  batch_size, size = _check_options("fashion_mnist_datasets", batch_size,
+                                    image_size, normalization, resize_method)
   source = load_fashion_mnist(data_dir)
-  classes = _check_classes(classes, source.num_classes)
+  classes = _check_classes(classes, source.num_classes,
+                           "fashion_mnist_datasets.")
 
   train_labels = source.parts["train"][1]
   parts = _class_split(train_labels, classes,
@@ -560,10 +560,10 @@ def digits_datasets(batch_size: int = 128,
   Returns:
     OfflineImageDatasets yielding {"image": f32 [B, S, S, 1], "label": i32 [B]}.
   """
-  batch_size, size = _check_options(batch_size, image_size, normalization,
-                                    resize_method)
+  batch_size, size = _check_options("digits_datasets", batch_size, image_size,
+                                    normalization, resize_method)
   source = load_digits_source()
-  classes = _check_classes(classes, source.num_classes)
+  classes = _check_classes(classes, source.num_classes, "digits_datasets.")
   parts = _class_split(source.parts["all"][1], classes, SPLITS, split_seed)
   split_parts = {k: ("all", v) for k, v in parts.items()}
   return _build(source, split_parts, "digits", batch_size, size, classes,

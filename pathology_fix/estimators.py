@@ -17,7 +17,6 @@ constructor arguments, so they drop into `build_gradient_estimators`.
 """
 
 import functools
-import math
 from typing import Any, Mapping, Optional, Tuple
 
 import gin
@@ -33,17 +32,26 @@ from pathology_fix import unroll
 from pathology_fix import variational
 
 MODES = ("hybrid", "rp", "es")
+DEFAULT_UNROLL_LENGTH = 20
 
 
 def max_truncation_chunks(truncation_length, steps_per_jit: int):
   """Most chunks one truncation can take under this schedule; None if unknown."""
-  if isinstance(truncation_length, schedules.ConstantTruncationLength):
-    return -(-int(truncation_length.length) // int(steps_per_jit))
-  if isinstance(truncation_length, schedules.LinearTruncationCurriculum):
-    k = max(truncation_length.k_min, truncation_length.k_max)
-    return max(1, int(math.floor(
-        k * float(truncation_length.jitter[1]) / steps_per_jit + 0.5)))
-  return None
+  max_chunks = getattr(truncation_length, "max_chunks", None)
+  return None if max_chunks is None else max_chunks(steps_per_jit)
+
+
+def _resolve_unroll_length(name: str, unroll_length: Optional[int],
+                           trunc_length: Optional[int]) -> int:
+  """unroll_length (LO TruncatedGrad's name) or trunc_length (TruncatedPES's)."""
+  if trunc_length is None:
+    return DEFAULT_UNROLL_LENGTH if unroll_length is None else unroll_length
+  if unroll_length is not None and unroll_length != trunc_length:
+    raise ValueError(
+        f"{name}.unroll_length ({unroll_length!r}) and {name}.trunc_length "
+        f"({trunc_length!r}) differ: they are the same parameter (LO's "
+        "TruncatedGrad and TruncatedPES spellings); give one")
+  return trunc_length
 
 
 def _single_estimator(samples, name: str, weight: float):
@@ -105,10 +113,14 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
   Gin bindings on `VariationalEstimator.<arg>` apply to all three (a binding
   on a subclass wins), so an ablation config only swaps the class.
 
-  Constructor arguments follow LO's TruncatedPES/TruncatedGrad, plus:
+  Constructor arguments follow LO's TruncatedGrad (task_family, learned_opt,
+  trunc_sched, num_tasks, unroll_length, steps_per_jit, in this order), plus:
+    trunc_length: LO TruncatedPES's name for unroll_length (keyword only);
+      giving both with different values is an error.
     sigma: std of the Gaussian smoothing (paper 0.1; released code 0.01).
     truncation_length: a `schedules.TruncationLength` (e.g.
-      `LinearTruncationCurriculum`); None means `unroll_length` every step.
+      `LinearTruncationCurriculum`); None means `unroll_length` (default 20)
+      every step. A schedule replaces unroll_length, which is then ignored.
     meta_loss_split: "train" or "outer_valid" (validation meta-objective).
     meta_loss_evals: batches the validation meta-loss averages per step.
     max_loss: each step's meta-loss is clipped at this value.
@@ -128,7 +140,7 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
                learned_opt,
                trunc_sched,
                num_tasks: int,
-               unroll_length: int = 20,
+               unroll_length: Optional[int] = None,
                steps_per_jit: int = 10,
                sigma: float = 0.1,
                truncation_length: Optional[schedules.TruncationLength] = None,
@@ -140,29 +152,42 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
                rematerialize: Any = "auto",
                remat_chunk_threshold: int = 10,
                remat_memory_budget_mb: Optional[float] = None,
-               shard_samples: bool = True):
+               shard_samples: bool = True,
+               trunc_length: Optional[int] = None):
     name = type(self).__name__
-    if int(num_tasks) < 2:
+    if (isinstance(num_tasks, bool) or
+        not isinstance(num_tasks, (int, np.integer)) or num_tasks < 2):
       raise ValueError(
-          f"{name}.num_tasks ({num_tasks}) must be >= 2: the per-coordinate "
-          "variance over samples divides by n - 1")
-    self.sigma = variational.validate_sigma(sigma)
-    curriculum.check_unroll_length(unroll_length, steps_per_jit)
+          f"{name}.num_tasks ({num_tasks!r}) must be an integer >= 2: the "
+          "per-coordinate variance over samples divides by n - 1")
+    self.sigma = variational.validate_sigma(sigma, name=f"{name}.sigma")
+    unroll_length = _resolve_unroll_length(name, unroll_length, trunc_length)
+    curriculum.check_steps_per_jit(steps_per_jit, f"{name}.steps_per_jit")
     if truncation_length is None:
+      curriculum.check_unroll_length(
+          unroll_length, steps_per_jit, name=f"{name}.unroll_length",
+          steps_per_jit_name=f"{name}.steps_per_jit")
       truncation_length = schedules.ConstantTruncationLength(unroll_length)
+    elif isinstance(truncation_length, schedules.TruncationLength):
+      unroll_length = None  # the schedule replaces it
+    else:
+      raise TypeError(
+          f"{name}.truncation_length ({truncation_length!r}) must be a "
+          "schedules.TruncationLength (e.g. @LinearTruncationCurriculum()) or "
+          "None for unroll_length steps every truncation")
     truncation_length.validate(steps_per_jit)
     if meta_loss_split == "outer_valid" and task_family.datasets is None:
       raise ValueError(
           f"{name}.meta_loss_split='outer_valid' needs a task family with "
           f"datasets; {task_family.name} has none (use 'train')")
-    if variance_eps <= 0:
-      raise ValueError(f"{name}.variance_eps ({variance_eps}) must be > 0")
+    if not variance_eps > 0:
+      raise ValueError(f"{name}.variance_eps ({variance_eps!r}) must be > 0")
 
     self.task_family = task_family
     self.learned_opt = learned_opt
     self.trunc_sched = trunc_sched
     self.num_tasks = int(num_tasks)
-    self.unroll_length = int(unroll_length)
+    self.unroll_length = None if unroll_length is None else int(unroll_length)
     self.steps_per_jit = int(steps_per_jit)
     self.truncation_length = truncation_length
     self.random_initial_iteration_offset = int(random_initial_iteration_offset)

@@ -160,6 +160,18 @@ def _remove_file(path: str):
     pass
 
 
+def _check_like(restored: Any, template: Any):
+  """flax restores arrays of any shape (and dicts of any keys): compare."""
+  if (jax.tree_util.tree_structure(restored) !=
+      jax.tree_util.tree_structure(template)):
+    raise ValueError("its pytree structure differs from this config's")
+  leaves, _ = jax.tree_util.tree_flatten_with_path(restored)
+  for (path, got), want in zip(leaves, jax.tree_util.tree_leaves(template)):
+    if onp.shape(got) != onp.shape(want):
+      raise ValueError(f"{jax.tree_util.keystr(path)} has shape "
+                       f"{onp.shape(got)}, this config's {onp.shape(want)}")
+
+
 def restore_latest_checkpoint(
     train_log_dir: str, template: gradient_learner.OptCheckpoint
 ) -> Optional[Tuple[gradient_learner.OptCheckpoint, str]]:
@@ -191,15 +203,16 @@ def restore_latest_checkpoint(
     path = os.path.join(train_log_dir, f"{CHECKPOINT_PREFIX}{step}")
     try:
       restored = checkpoints.load_state(path, template)
+      _check_like(restored, template)
     except Exception as e:  # pylint: disable=broad-except
       # Any failure to parse (truncated msgpack, wrong structure) means the
-      # same thing here: this file cannot be resumed from.
-      logging.warning("Cannot restore %s (%s: %s); trying an older one.", path,
-                      type(e).__name__, e)
+      # same thing here: this file cannot be resumed from. Warned about only
+      # if an older one restores; else the CheckpointError says it all.
       unreadable.append((path, e))
       continue
-    for bad_path, _ in unreadable:
-      logging.warning("Removing unreadable %s.", bad_path)
+    for bad_path, error in unreadable:
+      logging.warning("Cannot restore %s (%s: %s); removing it and resuming "
+                      "from %s.", bad_path, type(error).__name__, error, path)
       _remove_file(bad_path)
     for later in checkpoint_steps(train_log_dir, PARAMS_PREFIX):
       if later > step:

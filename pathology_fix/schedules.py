@@ -23,6 +23,11 @@ class TruncationLength:
              steps_per_jit: int, steps_left: Optional[int]) -> int:
     raise NotImplementedError
 
+  def max_chunks(self, steps_per_jit: int) -> Optional[int]:
+    """Most chunks of steps_per_jit steps a truncation can take; None: unknown."""
+    del steps_per_jit
+    return None
+
 
 @gin.configurable
 class ConstantTruncationLength(TruncationLength):
@@ -32,13 +37,17 @@ class ConstantTruncationLength(TruncationLength):
     self.length = length
 
   def validate(self, steps_per_jit: int) -> None:
-    curriculum.check_unroll_length(self.length, steps_per_jit)
+    curriculum.check_unroll_length(self.length, steps_per_jit,
+                                   name=f"{type(self).__name__}.length")
 
   def sample(self, rng, outer_iteration, steps_per_jit, steps_left):
     del rng, outer_iteration, steps_per_jit
     if steps_left is None:
       return int(self.length)
     return int(min(self.length, steps_left))
+
+  def max_chunks(self, steps_per_jit: int) -> int:
+    return -(-int(self.length) // int(steps_per_jit))
 
 
 @gin.configurable
@@ -58,20 +67,14 @@ class LinearTruncationCurriculum(TruncationLength):
     self.k_min = k_min
     self.k_max = k_max
     self.num_iterations = num_iterations
-    self.jitter = tuple(jitter)
+    # validate() names a jitter that is no pair.
+    self.jitter = tuple(jitter) if isinstance(jitter, (tuple, list)) else jitter
 
   def validate(self, steps_per_jit: int) -> None:
+    prefix = f"{type(self).__name__}."
     curriculum.validate_curriculum(self.k_min, self.k_max, self.num_iterations,
-                                   steps_per_jit)
-    low, high = self.jitter
-    if not 0 < low <= high:
-      raise ValueError(
-          f"LinearTruncationCurriculum.jitter ({self.jitter!r}) must satisfy "
-          "0 < low <= high")
-
-  def mean(self, outer_iteration: int) -> float:
-    return curriculum.curriculum_mean(outer_iteration, self.k_min, self.k_max,
-                                      self.num_iterations)
+                                   steps_per_jit, prefix=prefix)
+    curriculum.check_jitter(self.jitter, prefix=prefix)
 
   def sample(self, rng, outer_iteration, steps_per_jit, steps_left):
     return curriculum.sample_truncation_length(
@@ -83,3 +86,7 @@ class LinearTruncationCurriculum(TruncationLength):
         steps_per_jit,
         steps_left=steps_left,
         jitter=self.jitter)
+
+  def max_chunks(self, steps_per_jit: int) -> int:
+    return curriculum.max_curriculum_chunks(self.k_max, self.jitter,
+                                            steps_per_jit)

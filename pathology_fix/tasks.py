@@ -147,10 +147,10 @@ class MLPTask(image_mlp._MLPImageTask):  # pylint: disable=protected-access
     return self._name or super().name
 
 
-def _check_architecture(architecture: str):
+def _check_architecture(architecture: str, prefix: str = ""):
   if architecture not in ARCHITECTURES:
-    raise ValueError(f"architecture must be one of {tuple(ARCHITECTURES)}, "
-                     f"got {architecture!r}")
+    raise ValueError(f"{prefix}architecture must be one of "
+                     f"{tuple(ARCHITECTURES)}, got {architecture!r}")
 
 
 def default_image_size(architecture: str) -> int:
@@ -169,10 +169,10 @@ def make_task(architecture: str, datasets: data.OfflineImageDatasets,
   return MLPTask(datasets, hidden_sizes=sizes, name=name)
 
 
-def _dataset_fn(dataset: str):
+def _dataset_fn(dataset: str, prefix: str = ""):
   if dataset not in data.DATASET_FNS:
-    raise ValueError(f"dataset must be one of {tuple(data.DATASET_FNS)}, got "
-                     f"{dataset!r}")
+    raise ValueError(f"{prefix}dataset must be one of "
+                     f"{tuple(data.DATASET_FNS)}, got {dataset!r}")
   return data.DATASET_FNS[dataset]
 
 
@@ -194,9 +194,9 @@ def paper_task(architecture: str = "conv3",
 
   image_size None picks the architecture's size (conv3/conv6: 28, MLPs: 14).
   """
-  _check_architecture(architecture)
+  _check_architecture(architecture, "paper_task.")
   size = image_size or default_image_size(architecture)
-  datasets = _dataset_fn(dataset)(
+  datasets = _dataset_fn(dataset, "paper_task.")(
       batch_size=batch_size, image_size=size, classes=classes,
       normalization=normalization, seed=seed)
   return make_task(
@@ -225,9 +225,10 @@ class ClassSubsetFamily(base.TaskFamily):
                seed: int = 0,
                name: Optional[str] = None):
     super().__init__()
-    _check_architecture(architecture)  # before loading any data
+    prefix = f"{type(self).__name__}."
+    _check_architecture(architecture, prefix)  # before loading any data
     size = image_size or default_image_size(architecture)
-    self.datasets = _dataset_fn(dataset)(
+    self.datasets = _dataset_fn(dataset, prefix)(
         batch_size=batch_size, image_size=size, classes=classes,
         normalization=normalization, seed=seed)
     self.classes = tuple(self.datasets.extra_info["classes"])
@@ -253,22 +254,29 @@ class ClassSubsetFamily(base.TaskFamily):
     return self.task_fn(cfg)
 
 
-def _resolve_pool(classes_pool: Union[str, Sequence[int]]) -> Tuple[int, ...]:
+def _resolve_pool(classes_pool: Union[str, Sequence[int]],
+                  prefix: str = "") -> Tuple[int, ...]:
   if isinstance(classes_pool, str):
     if classes_pool not in CLASS_POOLS:
-      raise ValueError(f"classes_pool must be one of {tuple(CLASS_POOLS)} or a "
-                       f"sequence of class ids, got {classes_pool!r}")
+      raise ValueError(f"{prefix}classes_pool must be one of "
+                       f"{tuple(CLASS_POOLS)} or a sequence of class ids, got "
+                       f"{classes_pool!r}")
     return CLASS_POOLS[classes_pool]
   return tuple(int(c) for c in classes_pool)
 
 
 def draw_classes(classes_pool: Union[str, Sequence[int]],
-                 num_classes_per_task: int, seed: int) -> Tuple[int, ...]:
-  """k distinct classes from the pool, in a seeded random (label) order."""
-  pool = _resolve_pool(classes_pool)
+                 num_classes_per_task: int, seed: int,
+                 prefix: str = "") -> Tuple[int, ...]:
+  """k distinct classes from the pool, in a seeded random (label) order.
+
+  `prefix` qualifies the parameter names in messages (e.g. "Family.").
+  """
+  pool = _resolve_pool(classes_pool, prefix)
   if not 2 <= num_classes_per_task <= len(pool):
-    raise ValueError(f"num_classes_per_task must be in [2, {len(pool)}] for "
-                     f"pool {pool}, got {num_classes_per_task!r}")
+    raise ValueError(f"{prefix}num_classes_per_task must be in "
+                     f"[2, {len(pool)}] for pool {pool}, got "
+                     f"{num_classes_per_task!r}")
   rng = np.random.default_rng(seed)
   return tuple(int(c) for c in rng.choice(pool, num_classes_per_task,
                                           replace=False))
@@ -292,7 +300,8 @@ class FashionMnistClassSubsetFamily(ClassSubsetFamily):
                seed: int = 0,
                name: Optional[str] = None):
     super().__init__(
-        draw_classes(classes_pool, num_classes_per_task, seed),
+        draw_classes(classes_pool, num_classes_per_task, seed,
+                     f"{type(self).__name__}."),
         dataset="fashion_mnist", architecture=architecture,
         image_size=image_size, batch_size=batch_size,
         normalization=normalization, seed=seed, name=name)
@@ -312,7 +321,8 @@ class DigitsClassSubsetFamily(ClassSubsetFamily):
                seed: int = 0,
                name: Optional[str] = None):
     super().__init__(
-        draw_classes(classes_pool, num_classes_per_task, seed),
+        draw_classes(classes_pool, num_classes_per_task, seed,
+                     f"{type(self).__name__}."),
         dataset="digits", architecture=architecture, image_size=image_size,
         batch_size=batch_size, normalization=normalization, seed=seed,
         name=name)

@@ -10,17 +10,24 @@ with the same DIR continues from the last checkpoint. DIR receives
 checkpoint_<N>/params_<N>, TensorBoard event files, metrics.jsonl and
 config.gin.
 
-Bad input (missing --train_log_dir, missing config file, unknown gin
-configurable or parameter, module that can't be imported) prints one line
-`error: ...` on stderr and exits with status 2. Ctrl-C saves a checkpoint and
-exits with status 130. Logging shows warnings only; pass --verbosity=0 for
-LO's INFO messages.
+Bad input prints one line `error: ...` on stderr and exits with status 2,
+leaving DIR as it was: missing --train_log_dir, missing config file, unknown
+gin configurable or parameter, module that can't be imported, a checkpoint
+that can't be restored, and every ValueError or TypeError that a configurable
+raises while gin builds the run (a bad value: the line names the gin binding).
+--verbose adds the Python traceback. Ctrl-C saves a checkpoint and exits with
+status 130. Logging shows warnings only; pass --verbosity=0 for LO's INFO
+messages.
 """
 
 import importlib
 import os
+import re
+import shutil
 import sys
 import tokenize
+import traceback
+from typing import List, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -30,10 +37,15 @@ import gin
 import pathology_fix  # pylint: disable=unused-import  # compat before LO
 from learned_optimization import outer_train  # pylint: disable=g-bad-import-order
 from learned_optimization import setup_experiment  # pylint: disable=g-bad-import-order  # defines the flags
+from pathology_fix import data
 from pathology_fix import local_training
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(setup_experiment)  # list them in --help
+flags.DEFINE_boolean(
+    "verbose", False,
+    "On bad input or config, print the Python traceback before the one-line "
+    "error.")
 
 USAGE_EXIT_CODE = 2
 INTERRUPTED_EXIT_CODE = 130
@@ -42,6 +54,19 @@ INTERRUPTED_EXIT_CODE = 130
 # (ValueError), failing `import` lines (ImportError), syntax errors.
 _GIN_PARSE_ERRORS = (ValueError, ImportError, SyntaxError, tokenize.TokenError,
                      OSError)
+
+
+# What a configurable raises for a bad value (or a dataset that isn't there).
+_CONFIG_ERRORS = (ValueError, TypeError, data.DatasetNotFoundError)
+# Configurables whose bodies run the training (not build it), and those
+# which build what the training loop uses.
+_TRAINING_LOOPS = ("run_train", "resumable_local_train")
+_BUILDERS = ("build_gradient_estimators",)
+# What gin appends to an exception raised inside a configurable, innermost
+# first: "In call to configurable 'NAME' (<function f at 0x..>) in scope 'S'".
+_GIN_CALL = re.compile(r"In call to configurable '([^']+)' \((.*?)\)"
+                       r"(?: in scope '([^']*)')?$")
+_LEADING_NAME = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 
 
 class UsageError(Exception):
@@ -57,6 +82,111 @@ def _one_line(error: BaseException) -> str:
   return f"{lines[0]} ({where[3:]})" if where else lines[0]
 
 
+def _gin_calls(error: BaseException) -> List[Tuple[str, str, str]]:
+  """(configurable, python name, scope) of gin's calls, innermost first."""
+  calls = []
+  for line in str(error).splitlines():
+    match = _GIN_CALL.match(line.strip())
+    if match:
+      name, obj, scope = match.groups()
+      python_name = re.search(r"<(?:function|class) '?([\w.]+)", obj)
+      calls.append((name, python_name.group(1).split(".")[-1]
+                    if python_name else "", scope or ""))
+  return calls
+
+
+def _message(error: BaseException) -> str:
+  """The message without gin's "In call to configurable" lines, on one line."""
+  lines = []
+  for line in str(error).splitlines():
+    if _GIN_CALL.match(line.strip()):
+      break
+    if line.strip():
+      lines.append(line.strip())
+  return " ".join(lines) or type(error).__name__
+
+
+def _raised_in(error: BaseException) -> str:
+  """Name of the function whose own code raised `error`."""
+  tb = error.__traceback__
+  if tb is None:
+    return ""
+  while tb.tb_next is not None:
+    tb = tb.tb_next
+  return tb.tb_frame.f_code.co_name
+
+
+def _is_config_error(error: BaseException) -> bool:
+  """A ValueError/TypeError of a configurable rejecting its (gin) arguments.
+
+  Raised while gin evaluates run_train's arguments, by a training loop's own
+  argument checks, or while the loop builds its estimators (with their task
+  families, data and schedules); not by the training steps that follow.
+  """
+  if not isinstance(error, _CONFIG_ERRORS):
+    return False
+  calls = _gin_calls(error)
+  if not calls:
+    return False
+  names = [name for name, _, _ in calls]
+  name, python_name, _ = calls[0]
+  if name in _TRAINING_LOOPS:
+    return _raised_in(error) == python_name
+  loops = [i for i, n in enumerate(names) if n in _TRAINING_LOOPS]
+  if not loops:
+    return False
+  if names[loops[0]] == "run_train":
+    return True  # evaluating run_train's arguments, before it trains
+  return any(n in _BUILDERS for n in names[:loops[0]])
+
+
+def _binding(key: str) -> Optional[str]:
+  """"KEY = value" if gin has KEY bound, else None.
+
+  run_train moves every binding into scope "default_scope": look there too.
+  """
+  unscoped = key.split("/")[-1]
+  for candidate in (key, f"default_scope/{unscoped}"):
+    try:
+      return f"{unscoped} = {gin.query_parameter(candidate)!r}"
+    except (ValueError, KeyError):
+      continue
+  return None
+
+
+def _describe_config_error(error: BaseException) -> str:
+  """The message, plus the gin bindings of the parameters it names.
+
+  Validators name the parameter first ("HybridRPES.sigma must be > 0, ...",
+  "batch_size must be ..."). Each binding is looked up under the names the
+  message gives and under every configurable gin was calling; without one,
+  the line names the configurable that raised.
+  """
+  message = _message(error)
+  calls = _gin_calls(error)
+  leading = _LEADING_NAME.match(message)
+  names = [leading.group(0)] if leading else []
+  names += [n for n in _LEADING_NAME.findall(message) if "." in n]
+  keys = []
+  for name in names:
+    if "." in name:
+      keys.append(name)
+    parameter = name.split(".")[-1]
+    keys += [f"{scope + '/' if scope else ''}{configurable}.{parameter}"
+             for configurable, _, scope in calls]
+  bindings = []
+  for key in keys:
+    binding = _binding(key)
+    if (binding and binding not in bindings and
+        binding.split(" = ")[0] not in message):
+      bindings.append(binding)
+  if bindings:
+    return f"{message} (gin: {'; '.join(bindings)})"
+  if (leading and "." in leading.group(0)) or calls[0][0] in message:
+    return message
+  return f"{message} (in call to configurable {calls[0][0]})"
+
+
 def _check_flags(argv):
   """Raises UsageError for problems that need no gin parsing to detect."""
   if len(argv) > 1:
@@ -64,6 +194,9 @@ def _check_flags(argv):
   if not FLAGS.train_log_dir:
     raise UsageError("--train_log_dir is required (the directory for "
                      "checkpoints, summaries and metrics)")
+  if os.path.exists(FLAGS.train_log_dir) and not os.path.isdir(
+      FLAGS.train_log_dir):
+    raise UsageError(f"--train_log_dir {FLAGS.train_log_dir}: not a directory")
   if not FLAGS.config_file and not FLAGS.gin_bindings:
     raise UsageError("--config_file is required (a gin file configuring "
                      "run_train, e.g. gin_configs/lo_truncated_pes_quadratic.gin)")
@@ -75,6 +208,75 @@ def _check_flags(argv):
       importlib.import_module(module)
     except ImportError as e:
       raise UsageError(f"--gin_import {module}: {_one_line(e)}") from e
+  _check_resumable(FLAGS.train_log_dir)
+
+
+def _check_resumable(train_log_dir: str):
+  """An earlier run's outputs without a checkpoint: training would restart."""
+  if local_training.checkpoint_steps(train_log_dir):
+    return
+  earlier = [f"{local_training.PARAMS_PREFIX}{n}" for n in
+             local_training.checkpoint_steps(train_log_dir,
+                                             local_training.PARAMS_PREFIX)
+             if n > 0]
+  metrics = os.path.join(train_log_dir, local_training.METRICS_FILE)
+  if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
+    earlier.append(local_training.METRICS_FILE)
+  if earlier:
+    raise UsageError(
+        f"--train_log_dir {train_log_dir} holds an earlier run "
+        f"({', '.join(earlier)}) but no {local_training.CHECKPOINT_PREFIX}<N> "
+        "to resume from: restore its checkpoints, or use a new --train_log_dir")
+
+
+class _RunDirectory:
+  """What train_log_dir held before this run, to undo one that failed to start.
+
+  Files this run created go; config.gin gets its old contents back; a
+  directory this run created (parents included) goes entirely.
+  """
+
+  def __init__(self, path: str):
+    self.path = os.path.abspath(path)
+    self.created_root = None
+    parent = self.path
+    while not os.path.exists(parent):
+      self.created_root, parent = parent, os.path.dirname(parent)
+    self.names = set() if self.created_root else set(os.listdir(self.path))
+    self.steps = set(local_training.checkpoint_steps(self.path))
+    self.config = self._read("config.gin")
+
+  def _read(self, name: str) -> Optional[bytes]:
+    try:
+      with open(os.path.join(self.path, name), "rb") as f:
+        return f.read()
+    except OSError:
+      return None
+
+  def trained(self) -> bool:
+    """Whether this run saved a checkpoint after an outer step."""
+    new = set(local_training.checkpoint_steps(self.path)) - self.steps
+    return any(step > 0 for step in new)
+
+  def _new_names(self):
+    try:
+      return set(os.listdir(self.path)) - self.names
+    except FileNotFoundError:
+      return set()
+
+  def restore(self):
+    if self.created_root:
+      shutil.rmtree(self.created_root, ignore_errors=True)
+      return
+    for name in self._new_names():
+      path = os.path.join(self.path, name)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        os.remove(path)
+    if self.config is not None and self._read("config.gin") != self.config:
+      local_training.write_atomically(
+          os.path.join(self.path, "config.gin"), self.config)
 
 
 def _parse_gin():
@@ -94,12 +296,24 @@ def _train():
     try:
       outer_train.run_train(FLAGS.train_log_dir)
     except local_training.CheckpointError as e:
-      raise UsageError(str(e)) from e
+      raise UsageError(_message(e)) from e
     except RuntimeError as e:
       # gin raises this before training starts when a parameter is unset.
       if "Required bindings" in str(e):
         raise UsageError(f"gin config: {_one_line(e)}") from e
       raise
+    except _CONFIG_ERRORS as e:
+      if _is_config_error(e):
+        raise UsageError(_describe_config_error(e)) from e
+      raise
+
+
+def _report(error: UsageError) -> int:
+  if FLAGS.is_parsed() and FLAGS.verbose and error.__cause__ is not None:
+    traceback.print_exception(error.__cause__, file=sys.stderr)
+  sys.stdout.flush()
+  print(f"error: {error}", file=sys.stderr, flush=True)
+  return USAGE_EXIT_CODE
 
 
 def main(argv):
@@ -107,13 +321,16 @@ def main(argv):
     # Warnings only unless asked: app.run's INFO default (gin config dump,
     # each checkpoint) would bury the progress bar.
     logging.set_verbosity(logging.WARNING)
+  run_directory = None
   try:
     _check_flags(argv)
+    run_directory = _RunDirectory(FLAGS.train_log_dir)
     _parse_gin()
     _train()
   except UsageError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return USAGE_EXIT_CODE
+    if run_directory is not None and not run_directory.trained():
+      run_directory.restore()
+    return _report(e)
   except KeyboardInterrupt:
     print(f"error: interrupted; the last state is checkpointed in "
           f"{FLAGS.train_log_dir}: rerun the same command to resume",
@@ -132,6 +349,29 @@ def _parse_flags(argv):
   except flags.Error as e:
     print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
     sys.exit(USAGE_EXIT_CODE)
+
+
+def execute(argv: Sequence[str]) -> int:
+  """`python -m pathology_fix.train ARGS` in this process; returns the status.
+
+  argv[0] is the program name. absl's flags and the gin config are reset
+  first; afterwards the gin config is cleared, and the flags too unless they
+  had been parsed before. absl's app set-up (logging handlers, signal
+  handling) is skipped. For tests and for embedding the CLI in a program.
+  """
+  flags_were_parsed = FLAGS.is_parsed()
+  FLAGS.unparse_flags()
+  gin.clear_config()
+  try:
+    try:
+      remaining = _parse_flags(list(argv))
+    except SystemExit as e:
+      return int(e.code)
+    return main(remaining)
+  finally:
+    gin.clear_config()
+    if not flags_were_parsed:
+      FLAGS.unparse_flags()
 
 
 def run():

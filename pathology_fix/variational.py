@@ -25,12 +25,13 @@ import jax.numpy as jnp
 PyTree = Any
 
 
-def validate_sigma(sigma: float) -> float:
+def validate_sigma(sigma: float, name: str = "sigma") -> float:
   """Checks the perturbation scale of the smoothed objective.
 
   Args:
     sigma: standard deviation of the Gaussian perturbation, a concrete Python
       or NumPy scalar (not a traced value).
+    name: what the message calls it, e.g. ``"HybridRPES.sigma"``.
 
   Returns:
     ``sigma`` as a Python float.
@@ -41,9 +42,9 @@ def validate_sigma(sigma: float) -> float:
   try:
     value = float(sigma)
   except (TypeError, ValueError) as e:
-    raise ValueError(f"sigma must be > 0, got {sigma!r}") from e
+    raise ValueError(f"{name} must be > 0, got {sigma!r}") from e
   if not math.isfinite(value) or value <= 0.0:
-    raise ValueError(f"sigma must be > 0, got {sigma!r}")
+    raise ValueError(f"{name} must be > 0, got {sigma!r}")
   return value
 
 

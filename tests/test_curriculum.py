@@ -109,3 +109,86 @@ def test_check_unroll_length():
       cur.check_unroll_length(bad, 10)
   with pytest.raises(ValueError, match="steps_per_jit"):
     cur.check_unroll_length(10, 0)
+
+
+@pytest.mark.parametrize("k_max, jitter, chunk", [
+    (1000, (0.8, 1.2), 10), (95, (1.0, 1.0), 10), (7, (0.5, 1.5), 3),
+    (50, (1.0, 1.3), 50)])
+def test_max_chunks_is_the_longest_draw(k_max, jitter, chunk):
+  # Brute force: past num_iterations the mean is k_max, and draws with u at
+  # the top of the jitter range reach the most chunks.
+  rng = np.random.default_rng(3)
+  draws = [cur.sample_truncation_length(rng, 10, 1, k_max, 10, chunk,
+                                        jitter=jitter) for _ in range(3000)]
+  top = [cur.sample_truncation_length(rng, 10, 1, k_max, 10, chunk,
+                                      jitter=(jitter[1], jitter[1]))
+         for _ in range(3)]
+  max_chunks = cur.max_curriculum_chunks(k_max, jitter, chunk)
+  assert max(draws) <= max_chunks * chunk
+  assert set(top) == {max_chunks * chunk}
+  # k_max * high = 1200, 95, 10.5 (rounds up to 4 chunks of 3), 65 -> 1.
+  assert max_chunks == {1000: 120, 95: 10, 7: 4, 50: 1}[k_max]
+
+
+def test_round_to_chunks_rounds_half_up_and_keeps_one():
+  assert [cur.round_to_chunks(x, 10) for x in (0, 4.9, 5, 14.9, 15, 25)] == [
+      1, 1, 1, 1, 2, 3]
+
+
+def test_bad_jitter_names_it():
+  for bad in ((1.2, 0.8), (0.0, 1.0), 1.2, ("a", "b"), (0.8, 1.0, 1.2)):
+    with pytest.raises(ValueError, match=r"^C\.jitter "):
+      cur.check_jitter(bad, prefix="C.")
+
+
+# --- how the estimators take a schedule (issue 9.5, 11) ----------------------
+
+
+def _estimator(**kwargs):
+  from learned_optimization.learned_optimizers import mlp_lopt  # pylint: disable=g-import-not-at-top
+  from learned_optimization.outer_trainers import truncation_schedule  # pylint: disable=g-import-not-at-top
+  from learned_optimization.tasks import quadratics  # pylint: disable=g-import-not-at-top
+  from pathology_fix import estimators  # pylint: disable=g-import-not-at-top
+  return estimators.HybridRPES(
+      quadratics.FixedDimQuadraticFamily(4), mlp_lopt.MLPLOpt(),
+      truncation_schedule.ConstantTruncationSchedule(10_000), num_tasks=2,
+      **kwargs)
+
+
+def _lengths(est, outer_iteration=0, n=20):
+  import jax  # pylint: disable=g-import-not-at-top
+  return {est.draw_truncation_length(jax.random.PRNGKey(i), outer_iteration,
+                                     10_000) for i in range(n)}
+
+
+def test_a_schedule_replaces_unroll_length():
+  from pathology_fix import schedules  # pylint: disable=g-import-not-at-top
+  # unroll_length (default 20, or given) is no multiple of 50, and unused.
+  for extra in ({}, {"unroll_length": 20}):
+    est = _estimator(steps_per_jit=50, **extra,
+                     truncation_length=schedules.LinearTruncationCurriculum(
+                         k_min=100, k_max=200, num_iterations=10))
+    assert est.unroll_length is None
+    assert _lengths(est) <= {50, 100, 150} and 100 in _lengths(est)
+  # Without a schedule it is still checked, under the estimator's name.
+  with pytest.raises(ValueError, match=r"HybridRPES\.unroll_length \(20\) .* "
+                     r"HybridRPES\.steps_per_jit \(50\)"):
+    _estimator(steps_per_jit=50)
+  with pytest.raises(ValueError, match=r"HybridRPES\.steps_per_jit \(0\)"):
+    _estimator(steps_per_jit=0, truncation_length=schedules.
+               LinearTruncationCurriculum())
+  with pytest.raises(TypeError, match=r"HybridRPES\.truncation_length \(100\)"):
+    _estimator(truncation_length=100)
+
+
+def test_trunc_length_is_an_alias_of_unroll_length():
+  assert _lengths(_estimator(trunc_length=40)) == {40}
+  assert _estimator(trunc_length=40).unroll_length == 40
+  assert _lengths(_estimator(trunc_length=40, unroll_length=40)) == {40}
+  assert _lengths(_estimator()) == {20}
+  with pytest.raises(ValueError, match=r"HybridRPES\.unroll_length \(20\) and "
+                     r"HybridRPES\.trunc_length \(40\)"):
+    _estimator(unroll_length=20, trunc_length=40)
+  with pytest.raises(ValueError, match=r"HybridRPES\.trunc_length.*multiple|"
+                     r"HybridRPES\.unroll_length \(45\)"):
+    _estimator(trunc_length=45)

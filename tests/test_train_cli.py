@@ -1,4 +1,4 @@
-"""`python -m pathology_fix.train`: outputs, resume after a kill, bad input."""
+"""`python -m pathology_fix.train`: outputs, resume after a kill."""
 
 import os
 import signal
@@ -154,26 +154,4 @@ def test_resume_after_sigkill_continues_from_last_checkpoint(tmp_path):
   jax.tree_util.tree_map(check_theta, theta0, theta1, adam1.mu, adam1.nu)
 
 
-@pytest.mark.parametrize("case, flags, bindings, offending", [
-    ("unknown configurable", {}, ("NoSuchConfigurable.x = 1",),
-     "NoSuchConfigurable"),
-    ("unknown parameter", {}, ("Adam.no_such_parameter = 1",),
-     "no_such_parameter"),
-    ("missing --train_log_dir", {"train_log_dir": None}, (), "--train_log_dir"),
-    ("nonexistent config file", {"config_file": "/nonexistent/x.gin"}, (),
-     "/nonexistent/x.gin"),
-    ("unimportable --gin_import", {"extra_flags": ["--gin_import=no_such_mod"]},
-     (), "no_such_mod"),
-])
-def test_bad_input_is_one_error_line(tmp_path, case, flags, bindings,
-                                     offending):
-  del case  # for the test id
-  kwargs = dict(flags)
-  log_dir = kwargs.pop("train_log_dir", tmp_path / "run")
-  proc = cli_utils.run_train(log_dir, *bindings, **kwargs)
-  assert proc.returncode == 2, cli_utils.describe(proc)
-  assert "Traceback" not in proc.stderr, cli_utils.describe(proc)
-  errors = cli_utils.error_lines(proc.stderr)
-  assert len(errors) == 1, cli_utils.describe(proc)
-  assert offending in errors[0]
-  assert proc.stderr.rstrip().splitlines()[-1] == errors[0]
+# Bad input (flags, gin, checkpoints): tests/test_bad_config.py.
