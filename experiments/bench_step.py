@@ -29,7 +29,8 @@ which CPU time estimates.
 
 Writes DIR/results.json and DIR/results.md (default
 experiments/results/bench_step/). --quick: conv3 and mlp2x32, 100 steps,
-3 repeats.
+3 repeats. --profile adds PaperMLPLOpt's update alone at hidden sizes 1, 8,
+32 and 64 (hidden size 1 ~ accumulators and features without the MLP).
 """
 
 import argparse
@@ -149,6 +150,35 @@ def bench_task(architecture: str, num_steps: int, repeats: int,
                    sum(x.size for x in jax.tree_util.tree_leaves(params)))
 
 
+def profile_paper_lopt(architecture: str, num_steps: int, repeats: int,
+                       image_size: int, batch_size: int,
+                       hidden_sizes=(1, 8, 32, 64)) -> Dict[str, float]:
+  """CPU microseconds of PaperMLPLOpt's update alone, by hidden size.
+
+  hidden_size 1 leaves the accumulators and the 22 tensor features with
+  almost no MLP: the difference to 32 is the cost of the per-parameter MLP.
+  """
+  task = tasks.paper_task(architecture, image_size=image_size,
+                          batch_size=batch_size)
+  params = task.init(jax.random.PRNGKey(0))
+  batch = jax.tree_util.tree_map(lambda x: jnp.asarray(x),
+                                 next(task.datasets.train))
+  grad = jax.grad(task.loss)(params, jax.random.PRNGKey(0), batch)
+  runs = {}
+  for hidden in hidden_sizes:
+    lopt = paper_lopt.PaperMLPLOpt(hidden_size=hidden)
+    _, update_only = build_runs(task, lopt.opt_fn, num_steps)
+    runs[hidden] = (update_only, lopt.init(jax.random.PRNGKey(1)), params,
+                    grad)
+    _timed(*runs[hidden])
+  cpu = {hidden: [] for hidden in runs}
+  for _ in range(repeats):
+    for hidden, args in runs.items():
+      cpu[hidden].append(_timed_wall_and_cpu(*args)[1])
+  return {f"hidden_{h}_update_cpu_us_per_step":
+              1e6 * statistics.median(t) / num_steps for h, t in cpu.items()}
+
+
 def summarize(architecture, num_steps, times, compile_s, num_params):
   """Median steps/s and per-repeat ratios to the baseline."""
   base = times[BASELINE]
@@ -199,6 +229,12 @@ def markdown(results: Dict[str, Any]) -> str:
           f"({lo:.2f}..{hi:.2f}) | {r['steps_per_cpu_s']:.0f} | "
           f"{r['cpu_ratio_to_adam']:.2f} | "
           f"{r['update_share_of_step_cpu']:.0%} |")
+  for task in results["tasks"]:
+    if "paper_lopt_profile" in task:
+      lines += ["", f"PaperMLPLOpt update alone on {task['task']}, CPU us per "
+                "step, by hidden size: " + ", ".join(
+                    f"{k.split('_')[1]}: {v:.0f}"
+                    for k, v in task["paper_lopt_profile"].items())]
   return "\n".join(lines) + "\n"
 
 
@@ -211,6 +247,9 @@ def main(argv=None):
   parser.add_argument("--image-size", type=int, default=8)
   parser.add_argument("--batch-size", type=int, default=64)
   parser.add_argument("--out", default=str(DEFAULT_OUT))
+  parser.add_argument("--profile", action="store_true",
+                      help="also time PaperMLPLOpt's update alone at hidden "
+                      "sizes 1, 8, 32, 64 (features vs MLP cost)")
   args = parser.parse_args(argv)
   if args.quick:
     args.steps, args.repeats = 100, 3
@@ -236,6 +275,12 @@ def main(argv=None):
             f"ratio to Adam {r['ratio_to_adam']:.2f} (wall) "
             f"{r['cpu_ratio_to_adam']:.2f} (CPU time)  update "
             f"{r['update_share_of_step_cpu']:.0%} of a step", flush=True)
+    if args.profile:
+      results["tasks"][-1]["paper_lopt_profile"] = profile_paper_lopt(
+          architecture, args.steps, args.repeats, args.image_size,
+          args.batch_size)
+      print(architecture, results["tasks"][-1]["paper_lopt_profile"],
+            flush=True)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "results.json").write_text(json.dumps(results, indent=1))
