@@ -1,4 +1,4 @@
-r"""Inner-training speed of learned optimizers against Adam, inside a jitted scan.
+r"""Inner-step speed of learned optimizers vs Adam, inside a jitted scan.
 
   python -m experiments.bench_step [--quick] [--tasks conv3,mlp2x32]
                                    [--steps 300] [--repeats 7] [--out DIR]

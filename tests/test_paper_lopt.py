@@ -1,4 +1,4 @@
-"""PaperMLPLOpt: feature math against numpy written from the paper's formulas."""
+"""PaperMLPLOpt: feature math against numpy written from the paper's text."""
 
 import gin
 import numpy as np
@@ -101,7 +101,7 @@ def test_paper_features_match_numpy():
 
 
 def test_update_matches_the_definition_over_several_steps():
-  """The folded first layer equals the explicit 31-feature MLP (scalar leaf too)."""
+  """Folded first layer == the explicit 31-feature MLP (scalar leaf too)."""
   lopt = paper_lopt.PaperMLPLOpt()
   theta = lopt.init(jax.random.PRNGKey(0))
   theta = dict(theta, b1=jnp.linspace(-0.5, 0.5, 32),
@@ -183,7 +183,8 @@ def test_one_hybrid_rpes_outer_step_on_quadratics():
   state, loss, _ = learner.update(state, jax.random.PRNGKey(2))
   new_theta = learner.get_lopt_params(state)
   assert np.isfinite(float(loss))
-  assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(new_theta))
+  assert all(np.all(np.isfinite(x))
+             for x in jax.tree_util.tree_leaves(new_theta))
   assert any(np.any(a != b) for a, b in zip(
       jax.tree_util.tree_leaves(new_theta), jax.tree_util.tree_leaves(theta)))
 
