@@ -17,6 +17,7 @@ from pathology_fix import data  # pylint: disable=g-import-not-at-top
 from pathology_fix import estimators  # pylint: disable=g-import-not-at-top
 from pathology_fix import local_training  # pylint: disable=g-import-not-at-top
 from pathology_fix import mixing  # pylint: disable=g-import-not-at-top
+from pathology_fix import paper_lopt  # pylint: disable=g-import-not-at-top
 from pathology_fix import schedules  # pylint: disable=g-import-not-at-top
 from pathology_fix import tasks  # pylint: disable=g-import-not-at-top
 from pathology_fix import variational_lopt  # pylint: disable=g-import-not-at-top
