@@ -104,8 +104,13 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
     truncation_length: a `schedules.TruncationLength` (e.g.
       `LinearTruncationCurriculum`); None means `unroll_length` every step.
     meta_loss_split: "train" or "outer_valid" (validation meta-objective).
-    meta_loss_evals: batches the validation meta-loss averages per step.
+    meta_loss_evals: batches the validation meta-loss averages per step
+      (must be 1 with meta_loss_split="train": an error otherwise).
     max_loss: each step's meta-loss is clipped at this value.
+    meta_loss_clip_mode: "per_batch" (default, the authors' code): each of
+      the meta_loss_evals batches is clipped at max_loss, then averaged;
+      "mean": their mean is clipped (a diverged batch can zero the step's
+      gradient). See `objectives.batch_averaged_meta_loss`.
     variance_eps: added to the per-coordinate variances of the merge.
     rematerialize: True, False or "auto" (see `unroll.AntitheticUnroller`):
       recompute each chunk's forward in the backward pass, or keep residuals.
@@ -129,6 +134,7 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
                meta_loss_split: str = "train",
                meta_loss_evals: int = 1,
                max_loss: float = 10.0,
+               meta_loss_clip_mode: str = "per_batch",
                random_initial_iteration_offset: int = 0,
                variance_eps: float = 1e-8,
                rematerialize: Any = "auto",
@@ -170,6 +176,7 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
         meta_loss_split=meta_loss_split,
         meta_loss_evals=meta_loss_evals,
         max_loss=max_loss,
+        meta_loss_clip_mode=meta_loss_clip_mode,
         rematerialize=rematerialize,
         remat_chunk_threshold=remat_chunk_threshold,
         remat_memory_budget_mb=remat_memory_budget_mb,

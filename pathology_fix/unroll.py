@@ -129,6 +129,7 @@ class AntitheticUnroller:
   def __init__(self, task_family, learned_opt, trunc_sched, num_samples: int,
                steps_per_jit: int, meta_loss_split: str, meta_loss_evals: int,
                max_loss: float, rematerialize: Any = "auto",
+               meta_loss_clip_mode: str = "per_batch",
                remat_chunk_threshold: int = 10,
                remat_memory_budget_mb: Optional[float] = None,
                shard_samples: bool = True,
@@ -138,6 +139,14 @@ class AntitheticUnroller:
                        f"{META_LOSS_SPLITS}")
     if int(meta_loss_evals) < 1:
       raise ValueError(f"meta_loss_evals ({meta_loss_evals}) must be >= 1")
+    if meta_loss_split == "train" and int(meta_loss_evals) != 1:
+      # LO's convention: the train meta-loss is the loss of the inner step's
+      # own batch, before the update; there are no extra batches to average.
+      raise ValueError(
+          f"meta_loss_evals ({meta_loss_evals}) must be 1 with "
+          "meta_loss_split='train' (the meta-loss is the training loss of the "
+          "inner step's own batch); use meta_loss_split='outer_valid' to "
+          "average several batches")
     if not (isinstance(rematerialize, bool) or rematerialize == "auto"):
       raise ValueError(f"rematerialize ({rematerialize!r}) must be one of "
                        f"{REMATERIALIZE_CHOICES}")
@@ -155,6 +164,8 @@ class AntitheticUnroller:
     self.meta_loss_split = meta_loss_split
     self.meta_loss_evals = int(meta_loss_evals)
     self.max_loss = objectives.validate_max_loss(max_loss)
+    self.meta_loss_clip_mode = objectives.validate_clip_mode(
+        meta_loss_clip_mode)
     self.rematerialize = rematerialize
     self.remat_chunk_threshold = int(remat_chunk_threshold)
     self.remat_memory_budget_mb = remat_memory_budget_mb
@@ -281,8 +292,12 @@ class AntitheticUnroller:
       meta_keys = jax.random.split(key_meta, self.meta_loss_evals)
       meta_losses = jax.vmap(lambda k, d: task.loss_with_state(
           next_params, next_model_state, k, d)[0])(meta_keys, meta_data)
-      meta_loss = jnp.mean(meta_losses)
-    meta_loss = task.normalizer(meta_loss)
+      if self.meta_loss_clip_mode == "per_batch":
+        meta_losses = task.normalizer(meta_losses)
+      meta_loss = objectives.batch_averaged_meta_loss(
+          meta_losses, self.max_loss, self.meta_loss_clip_mode)
+    if meta_data is None or self.meta_loss_clip_mode == "mean":
+      meta_loss = task.normalizer(meta_loss)
     # A finished inner run stays frozen until the next truncation resets it.
     next_opt_state = _tree_where(active, next_opt_state, opt_state)
     return next_opt_state, meta_loss
