@@ -191,6 +191,18 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
                                     worker_weights.outer_state, key,
                                     self.random_initial_iteration_offset)
 
+  def perturbations(self, key, theta):
+    """eps [n, ...] that `compute_gradient_estimate(.., key, ..)` applies.
+
+    A fresh draw every truncation (every call), also between truncations of
+    the same inner run; `VariationalLearnedOptimizer` instead keeps one eps
+    per inner run (see variational_lopt.py for the two objectives).
+    """
+    key_eps = jax.random.split(key, 4)[2]
+    theta, key_eps = self.unroller.sharding.replicate((theta, key_eps))
+    return self._sample_eps(key_eps, theta, self.sigma,
+                            num_samples=self.num_tasks)
+
   def draw_truncation_length(self, key, outer_iteration: int,
                              steps_left: int) -> int:
     seed = np.asarray(jax.random.randint(key, (2,), 0, 2**31 - 1))
@@ -208,14 +220,14 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
     del with_summary  # metrics are cheap and LO's in-graph summaries are off
     theta = worker_weights.theta
     outer_state = worker_weights.outer_state
-    key_reset, key_length, key_eps, key_unroll = jax.random.split(key, 4)
+    key_reset, key_length, _, key_unroll = jax.random.split(key, 4)
     unroller = self.unroller
 
     state, steps_left = unroller.prepare(theta, state, outer_state, key_reset)
     k = self.draw_truncation_length(key_length, outer_state.outer_iteration,
                                     int(steps_left.max()))
-    theta, key_eps = unroller.sharding.replicate((theta, key_eps))
-    eps = self._sample_eps(key_eps, theta, self.sigma, num_samples=self.num_tasks)
+    eps = self.perturbations(key, theta)
+    theta = unroller.sharding.replicate(theta)
     out = unroller.unroll(
         theta, eps, state, key_unroll, k, with_rp_grads=self.mode != "es",
         steps_left=steps_left)
