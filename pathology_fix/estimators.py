@@ -92,6 +92,25 @@ def combine_samples(losses, rp_pair_grads, eps, sigma, mode: str,
   return merged, diagnostics
 
 
+def _combine_as_theta(theta, losses, rp_pair_grads, eps, sigma, mode,
+                      variance_eps):
+  """`combine_samples` on theta's leaves; the gradient has theta's treedef.
+
+  Learned optimizers keep namedtuples (haiku's LSTMState) and custom nodes
+  (haiku's FlatMap) in theta; the merge sees a flat list of leaves and the
+  result is rebuilt with theta's exact structure, so LO's learner can add it
+  to other estimators' gradients.
+  """
+  treedef = jax.tree_util.tree_structure(theta)
+  eps_leaves = treedef.flatten_up_to(eps)
+  rp_leaves = (None if rp_pair_grads is None else
+               treedef.flatten_up_to(rp_pair_grads))
+  grad_leaves, diagnostics = combine_samples(
+      losses, rp_leaves, eps_leaves, sigma, mode=mode,
+      variance_eps=variance_eps)
+  return jax.tree_util.tree_unflatten(treedef, grad_leaves), diagnostics
+
+
 @gin.configurable
 class VariationalEstimator(gradient_learner.GradientEstimator):
   """Shared body of HybridRPES / VariationalRP / VariationalES.
@@ -231,9 +250,9 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
     out = unroller.unroll(
         theta, eps, state, key_unroll, k, with_rp_grads=self.mode != "es",
         steps_left=steps_left)
-    grad, diagnostics = combine_samples(
-        out.losses, out.rp_grads, eps, self.sigma, mode=self.mode,
-        variance_eps=self.variance_eps)
+    grad, diagnostics = _combine_as_theta(theta, out.losses, out.rp_grads, eps,
+                                          self.sigma, self.mode,
+                                          self.variance_eps)
     next_state = unroller.next_state(state, out)
     mean_loss, metrics, unroll_info = self._finish(state, next_state,
                                                    out.losses, diagnostics)
