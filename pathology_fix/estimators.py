@@ -4,7 +4,7 @@
 
 Per outer step each of n samples draws eps_i and runs an antithetic pair of
 truncated unrolls (theta + eps_i, theta - eps_i) from its inner state, on the
-same data and inner randomness (`unroll.AntitheticUnroller`). From the same
+same data and inner randomness (`unroll.AntitheticUnroller.truncate`). From the same
 two unrolls:
 
   RP sample  g_rp_i = grad_theta (L+_i + L-_i) / 2    (backprop through both)
@@ -131,7 +131,7 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
       "mean": their mean is clipped (a diverged batch can zero the step's
       gradient). See `objectives.batch_averaged_meta_loss`.
     variance_eps: added to the per-coordinate variances of the merge.
-    rematerialize: True, False or "auto" (see `unroll.AntitheticUnroller`):
+    rematerialize: True, False or "auto" (see `vjp_engine.ChunkedVJP`):
       recompute each chunk's forward in the backward pass, or keep residuals.
     remat_chunk_threshold: with "auto", rematerialize truncations of more
       than this many chunks of steps_per_jit steps...
@@ -247,15 +247,14 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
                                     int(steps_left.max()))
     eps = self.perturbations(key, theta)
     theta = unroller.sharding.replicate(theta)
-    out = unroller.unroll(
+    losses, rp_grads, next_state = unroller.truncate(
         theta, eps, state, key_unroll, k, with_rp_grads=self.mode != "es",
         steps_left=steps_left)
-    grad, diagnostics = _combine_as_theta(theta, out.losses, out.rp_grads, eps,
+    grad, diagnostics = _combine_as_theta(theta, losses, rp_grads, eps,
                                           self.sigma, self.mode,
                                           self.variance_eps)
-    next_state = unroller.next_state(state, out)
-    mean_loss, metrics, unroll_info = self._finish(state, next_state,
-                                                   out.losses, diagnostics)
+    mean_loss, metrics, unroll_info = self._finish(state, next_state, losses,
+                                                   diagnostics)
     metrics["mean||truncation_length"] = jnp.asarray(k, jnp.float32)
     metrics["mean||sigma"] = jnp.asarray(self.sigma, jnp.float32)
     # LO's outer loop adds gradients on one device.

@@ -83,18 +83,19 @@ def _mlp_hybrid(mode_cls, num_tasks, unroll_length=20, steps_per_jit=10,
 
 def test_chunked_reverse_pass_matches_direct_backprop():
   est = _mlp_hybrid(estimators.HybridRPES, num_tasks=3, unroll_length=20,
-                    steps_per_jit=5)
-  unroller = est.unroller
+                    steps_per_jit=5, family=fx.seeded_quadratic_family(4))
   theta = mlp_lopt.MLPLOpt().init(jax.random.PRNGKey(0))
   weights = fx.worker_weights(theta)
   state = est.init_worker_state(weights, jax.random.PRNGKey(1))
-  eps = est._sample_eps(jax.random.PRNGKey(2), theta, SIGMA, num_samples=3)
-  datas = []
-  unroller._chunk_data = lambda real=unroller._chunk_data: datas.append(
-      real()) or datas[-1]
-  out = unroller.unroll(theta, eps, state, jax.random.PRNGKey(3), 20, True)
-
-  # Same data and keys, differentiated in one piece without rematerialization.
+  eps = est.perturbations(jax.random.PRNGKey(2), theta)
+  losses, grads, _ = est.unroller.truncate(theta, eps, state,
+                                           jax.random.PRNGKey(3), 20)
+  # The same batches, from a twin family, and the same keys, differentiated
+  # in one piece through InnerProblems.chunk without the chunked VJP.
+  problems = est.unroller.problems
+  twin = _mlp_hybrid(estimators.HybridRPES, num_tasks=3, unroll_length=20,
+                     steps_per_jit=5, family=fx.seeded_quadratic_family(4))
+  datas = [twin.unroller.problems.chunk_data() for _ in range(4)]
   from pathology_fix import variational  # pylint: disable=g-import-not-at-top
 
   def total_loss(theta_pair):
@@ -103,16 +104,17 @@ def test_chunked_reverse_pass_matches_direct_backprop():
     total = 0.
     for c in range(4):
       active = np.ones((5, 3), bool)
-      states, t = unroller._chunk(theta_pair, states, state.task_param,
-                                  datas[c], unroller._chunk_keys(
-                                      jax.random.PRNGKey(3), c), active)
+      states, t = problems.chunk(theta_pair, states, state.task_param,
+                                 datas[c], problems.chunk_keys(
+                                     jax.random.PRNGKey(3), c), active)
       total = total + t
     return jnp.sum(total / 20.), total / 20.
 
   pair = variational.antithetic_thetas(theta, eps)
-  (_, losses), direct = jax.value_and_grad(total_loss, has_aux=True)(pair)
-  np.testing.assert_allclose(out.losses, losses, rtol=1e-5)
-  for a, b in zip(jax.tree_util.tree_leaves(out.rp_grads),
+  (_, direct_losses), direct = jax.value_and_grad(total_loss,
+                                                  has_aux=True)(pair)
+  np.testing.assert_allclose(losses, direct_losses, rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(grads),
                   jax.tree_util.tree_leaves(direct)):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-7)
 
@@ -129,7 +131,7 @@ def test_antithetic_unrolls_share_data_and_randomness():
   for leaf in jax.tree_util.tree_leaves(out.final_opt_states):
     np.testing.assert_array_equal(leaf[0], leaf[1])
   # The same call with real perturbations does separate the two branches.
-  eps = est._sample_eps(jax.random.PRNGKey(3), theta, SIGMA, num_samples=4)
+  eps = est.perturbations(jax.random.PRNGKey(3), theta)
   out = est.unroller.unroll(theta, eps, state, jax.random.PRNGKey(2), 20,
                             with_rp_grads=False)
   assert np.all(np.asarray(out.losses[0]) != np.asarray(out.losses[1]))
@@ -244,7 +246,7 @@ def test_merged_variance_is_at_most_the_better_estimator():
   grads = {mode: [] for mode in estimators.MODES}
   for i in range(40):
     key_eps, key_unroll = jax.random.split(jax.random.PRNGKey(100 + i))
-    eps = est._sample_eps(key_eps, theta, SIGMA, num_samples=16)
+    eps = est.perturbations(key_eps, theta)
     out = est.unroller.unroll(theta, eps, state, key_unroll, 20, True)
     for mode in estimators.MODES:
       g, _ = estimators.combine_samples(out.losses, out.rp_grads, eps, SIGMA,
