@@ -239,6 +239,7 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
     del with_summary  # metrics are cheap and LO's in-graph summaries are off
     theta = worker_weights.theta
     outer_state = worker_weights.outer_state
+    # The third key is the one `perturbations` draws eps from.
     key_reset, key_length, _, key_unroll = jax.random.split(key, 4)
     unroller = self.unroller
 
