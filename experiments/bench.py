@@ -451,20 +451,20 @@ def run_profile(cfg: Dict[str, Any]) -> Dict[str, Any]:
   eps = est._sample_eps(jax.random.PRNGKey(2), theta, est.sigma,  # pylint: disable=protected-access
                         num_samples=n)
   # pylint: disable=protected-access
-  theta_pair, opt_states, totals = unroller._begin(theta, eps,
+  theta_pair, opt_states, totals = unroller.engine.pair_up(theta, eps,
                                                    state.inner_opt_state)
-  datas = unroller._chunk_data()
+  datas = unroller.problems.chunk_data()
   key = jax.random.PRNGKey(3)
   steps = jnp.full((n,), spj, jnp.int32)
   fwd_args = (theta_pair, opt_states, state.task_param, datas, key, 0, steps,
               totals)
-  _, cot_totals, cot_states, rp_grads = unroller._finish_forward(
+  _, cot_totals, cot_states, rp_grads = unroller.engine.finish_forward(
       theta_pair, opt_states, totals, steps)
-  pullback = unroller._forward_chunk_vjp(*fwd_args)[2]
+  pullback = unroller.engine.forward_chunk_vjp(*fwd_args)[2]
 
   def task_grads_only(theta_pair, opt_states, task_params, datas, key):
     """The inner task's value_and_grad for every unroll and step, no update."""
-    keys, _ = unroller._chunk_inputs(key, 0, steps)
+    keys, _ = unroller.problems.chunk_inputs(key, 0, steps)
     task_fn = family.task_fn
 
     def one(opt_state, task_param, k, data):
@@ -485,13 +485,13 @@ def run_profile(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
   parts = [
       ("forward chunk (= TruncatedES / VariationalES work)",
-       unroller._forward_chunk, fwd_args),  # pylint: disable=protected-access
-      ("forward chunk keeping residuals", unroller._forward_chunk_vjp,  # pylint: disable=protected-access
+       unroller.engine.forward_chunk, fwd_args),  # pylint: disable=protected-access
+      ("forward chunk keeping residuals", unroller.engine.forward_chunk_vjp,  # pylint: disable=protected-access
        fwd_args),
-      ("apply stored pullback", unroller._apply_pullback,  # pylint: disable=protected-access
+      ("apply stored pullback", unroller.engine.apply_pullback,  # pylint: disable=protected-access
        (pullback, cot_states, cot_totals, rp_grads)),
       ("remat backward chunk (recompute + pullback)",
-       unroller._backward_chunk,  # pylint: disable=protected-access
+       unroller.engine.backward_chunk,  # pylint: disable=protected-access
        fwd_args[:7] + (cot_states, cot_totals, rp_grads)),
       ("inner task value_and_grad only (no learned optimizer)",
        jax.jit(task_grads_only),
@@ -511,7 +511,7 @@ def run_profile(cfg: Dict[str, Any]) -> Dict[str, Any]:
   params_per_unroll = sum(
       x.size for x in jax.tree_util.tree_leaves(
           lopt.opt_fn(theta).get_params(state.inner_opt_state))) // n
-  residual_mib = unroller._residual_bytes(*fwd_args) / 2**20  # pylint: disable=protected-access
+  residual_mib = unroller.engine.residual_bytes(*fwd_args) / 2**20  # pylint: disable=protected-access
   return dict(cfg, task_label=task_label, rows=rows,
               inner_params_per_unroll=int(params_per_unroll),
               residual_mib_per_chunk=residual_mib,

@@ -58,8 +58,8 @@ def measure(architecture, image_size, batch_size, n, k, evals, steps, seed):
       theta=lopt.init(jax.random.PRNGKey(seed)), theta_model_state=None,
       outer_state=gradient_learner.OuterState(0))
   state = estimator.init_worker_state(weights, jax.random.PRNGKey(seed + 1))
-  data = _Clocked(estimator.unroller._chunk_data)  # pylint: disable=protected-access
-  estimator.unroller._chunk_data = data  # pylint: disable=protected-access
+  data = _Clocked(estimator.unroller.problems.chunk_data)  # pylint: disable=protected-access
+  estimator.unroller.problems.chunk_data = data  # pylint: disable=protected-access
   total = 0.0
   for step in range(steps + 1):
     if step == 1:  # step 0 compiles

@@ -4,7 +4,7 @@
 
 Per outer step each of n samples draws eps_i and runs an antithetic pair of
 truncated unrolls (theta + eps_i, theta - eps_i) from its inner state, on the
-same data and inner randomness (`unroll.AntitheticUnroller`). From the same
+same data and inner randomness (`unroll.AntitheticUnroller.truncate`). From the same
 two unrolls:
 
   RP sample  g_rp_i = grad_theta (L+_i + L-_i) / 2    (backprop through both)
@@ -106,6 +106,25 @@ def combine_samples(losses, rp_pair_grads, eps, sigma, mode: str,
   return combine.inverse_variance_merge(rp, es, variance_eps)
 
 
+def _combine_as_theta(theta, losses, rp_pair_grads, eps, sigma, mode,
+                      variance_eps):
+  """`combine_samples` on theta's leaves; the gradient has theta's treedef.
+
+  Learned optimizers keep namedtuples (haiku's LSTMState) and custom nodes
+  (haiku's FlatMap) in theta; the merge sees a flat list of leaves and the
+  result is rebuilt with theta's exact structure, so LO's learner can add it
+  to other estimators' gradients.
+  """
+  treedef = jax.tree_util.tree_structure(theta)
+  eps_leaves = treedef.flatten_up_to(eps)
+  rp_leaves = (None if rp_pair_grads is None else
+               treedef.flatten_up_to(rp_pair_grads))
+  grad_leaves, diagnostics = combine_samples(
+      losses, rp_leaves, eps_leaves, sigma, mode=mode,
+      variance_eps=variance_eps)
+  return jax.tree_util.tree_unflatten(treedef, grad_leaves), diagnostics
+
+
 @gin.configurable
 class VariationalEstimator(gradient_learner.GradientEstimator):
   """Shared body of HybridRPES / VariationalRP / VariationalES.
@@ -122,10 +141,15 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
       `LinearTruncationCurriculum`); None means `unroll_length` (default 20)
       every step. A schedule replaces unroll_length, which is then ignored.
     meta_loss_split: "train" or "outer_valid" (validation meta-objective).
-    meta_loss_evals: batches the validation meta-loss averages per step.
+    meta_loss_evals: batches the validation meta-loss averages per step
+      (must be 1 with meta_loss_split="train": an error otherwise).
     max_loss: each step's meta-loss is clipped at this value.
+    meta_loss_clip_mode: "per_batch" (default, the authors' code): each of
+      the meta_loss_evals batches is clipped at max_loss, then averaged;
+      "mean": their mean is clipped (a diverged batch can zero the step's
+      gradient). See `objectives.batch_averaged_meta_loss`.
     variance_eps: added to the per-coordinate variances of the merge.
-    rematerialize: True, False or "auto" (see `unroll.AntitheticUnroller`):
+    rematerialize: True, False or "auto" (see `vjp_engine.ChunkedVJP`):
       recompute each chunk's forward in the backward pass, or keep residuals.
     remat_chunk_threshold: with "auto", rematerialize truncations of more
       than this many chunks of steps_per_jit steps...
@@ -147,6 +171,7 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
                meta_loss_split: str = "train",
                meta_loss_evals: int = 1,
                max_loss: float = 10.0,
+               meta_loss_clip_mode: str = "per_batch",
                random_initial_iteration_offset: int = 0,
                variance_eps: float = 1e-8,
                rematerialize: Any = "auto",
@@ -201,6 +226,7 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
         meta_loss_split=meta_loss_split,
         meta_loss_evals=meta_loss_evals,
         max_loss=max_loss,
+        meta_loss_clip_mode=meta_loss_clip_mode,
         rematerialize=rematerialize,
         remat_chunk_threshold=remat_chunk_threshold,
         remat_memory_budget_mb=remat_memory_budget_mb,
@@ -214,6 +240,18 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
     return self.unroller.init_state(worker_weights.theta,
                                     worker_weights.outer_state, key,
                                     self.random_initial_iteration_offset)
+
+  def perturbations(self, key, theta):
+    """eps [n, ...] that `compute_gradient_estimate(.., key, ..)` applies.
+
+    A fresh draw every truncation (every call), also between truncations of
+    the same inner run; `VariationalLearnedOptimizer` instead keeps one eps
+    per inner run (see variational_lopt.py for the two objectives).
+    """
+    key_eps = jax.random.split(key, 4)[2]
+    theta, key_eps = self.unroller.sharding.replicate((theta, key_eps))
+    return self._sample_eps(key_eps, theta, self.sigma,
+                            num_samples=self.num_tasks)
 
   def draw_truncation_length(self, key, outer_iteration: int,
                              steps_left: int) -> int:
@@ -232,23 +270,23 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
     del with_summary  # metrics are cheap and LO's in-graph summaries are off
     theta = worker_weights.theta
     outer_state = worker_weights.outer_state
-    key_reset, key_length, key_eps, key_unroll = jax.random.split(key, 4)
+    # The third key is the one `perturbations` draws eps from.
+    key_reset, key_length, _, key_unroll = jax.random.split(key, 4)
     unroller = self.unroller
 
     state, steps_left = unroller.prepare(theta, state, outer_state, key_reset)
     k = self.draw_truncation_length(key_length, outer_state.outer_iteration,
                                     int(steps_left.max()))
-    theta, key_eps = unroller.sharding.replicate((theta, key_eps))
-    eps = self._sample_eps(key_eps, theta, self.sigma, num_samples=self.num_tasks)
-    out = unroller.unroll(
+    eps = self.perturbations(key, theta)
+    theta = unroller.sharding.replicate(theta)
+    losses, rp_grads, next_state = unroller.truncate(
         theta, eps, state, key_unroll, k, with_rp_grads=self.mode != "es",
         steps_left=steps_left)
-    grad, diagnostics = combine_samples(
-        out.losses, out.rp_grads, eps, self.sigma, mode=self.mode,
-        variance_eps=self.variance_eps)
-    next_state = unroller.next_state(state, out)
-    mean_loss, metrics, unroll_info = self._finish(state, next_state,
-                                                   out.losses, diagnostics)
+    grad, diagnostics = _combine_as_theta(theta, losses, rp_grads, eps,
+                                          self.sigma, self.mode,
+                                          self.variance_eps)
+    mean_loss, metrics, unroll_info = self._finish(state, next_state, losses,
+                                                   diagnostics)
     metrics["mean||truncation_length"] = jnp.asarray(k, jnp.float32)
     metrics["mean||sigma"] = jnp.asarray(self.sigma, jnp.float32)
     # LO's outer loop adds gradients on one device.

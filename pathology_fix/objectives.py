@@ -84,3 +84,51 @@ def clipped_mean_loss(per_step_losses: jax.Array,
   """
   total, count = clipped_loss_sum_and_count(per_step_losses, mask, max_loss)
   return jnp.where(count > 0, total / jnp.maximum(count, 1), 0)
+
+
+META_LOSS_CLIP_MODES = ("per_batch", "mean")
+
+
+def validate_clip_mode(clip_mode: str) -> str:
+  """Checks `meta_loss_clip_mode`; returns it.
+
+  Raises:
+    ValueError: if ``clip_mode`` is not one of ``META_LOSS_CLIP_MODES``.
+  """
+  if clip_mode not in META_LOSS_CLIP_MODES:
+    raise ValueError(f"meta_loss_clip_mode ({clip_mode!r}) must be one of "
+                     f"{META_LOSS_CLIP_MODES}")
+  return clip_mode
+
+
+def batch_averaged_meta_loss(batch_losses: jax.Array,
+                             max_loss: float = 10.0,
+                             clip_mode: str = "per_batch") -> jax.Array:
+  """One step's meta-loss from several evaluation batches.
+
+    "per_batch" (the released code of Metz et al.):
+        out[...] = mean_b min(loss[b, ...], max_loss)
+    "mean" (clip applied afterwards, to the mean, by the per-step clip):
+        out[...] = mean_b loss[b, ...]
+
+  With "per_batch" a diverged batch adds exactly max_loss / B and no gradient;
+  with "mean" it can push the mean over the clip and zero the gradient of
+  every batch of that step.
+
+  Args:
+    batch_losses: array of shape ``[B, ...]`` (batch axis first).
+    max_loss: clip value, > 0.
+    clip_mode: "per_batch" or "mean".
+
+  Returns:
+    Array of shape ``[...]``.
+  """
+  validate_clip_mode(clip_mode)
+  if isinstance(max_loss, (int, float)):
+    validate_max_loss(max_loss)
+  losses = jnp.asarray(batch_losses)
+  if losses.ndim < 1:
+    raise ValueError("batch_losses must have a leading batch axis")
+  if clip_mode == "per_batch":
+    losses = jnp.minimum(losses, max_loss)
+  return jnp.mean(losses, axis=0)

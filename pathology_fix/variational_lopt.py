@@ -6,6 +6,27 @@ state, and applies theta + eps at every inner step. LO's TruncatedGrad,
 TruncatedES or TruncatedPES run on the wrapped optimizer then estimate the
 gradient of the smoothed objective L~(theta) = E_eps[L(theta + eps)]: eps does
 not depend on theta, so d/dtheta of L(theta + eps) is the RP sample.
+
+Two smoothed objectives (issue 9.4): the wrapper and our estimators
+(`estimators.HybridRPES`, `VariationalRP`, `VariationalES`) differ in how long
+one eps lives.
+
+  | | eps drawn | inner run of T steps in truncations of k |
+  |---|---|---|
+  | this wrapper | once per inner run, at init | theta + eps for all T steps |
+  | our estimators | fresh every truncation | theta + eps_j for truncation j |
+
+Wrapper: L~_run(theta) = E_eps[ L(theta + eps; whole inner run) ], the smoothing
+of the whole-run objective; consecutive truncations of one run are correlated
+through the shared eps. Estimators: the inner state a truncation starts from
+was produced under earlier draws, and each truncation smooths only its own
+k steps, E_eps_j[ L_j(theta + eps_j | state_j) ] (the paper's truncated
+setting; antithetic pairs need eps_j independent of the state). The two agree
+when every truncation is a whole inner run (T = k), which is how the
+equivalence test with LO's TruncatedGrad is set up; otherwise they are
+different objectives. Tests: `test_estimators.py::
+test_variational_lopt_keeps_one_eps_for_the_whole_inner_run` and
+`test_next_state_continues_from_positive_branch_and_resets_at_the_end`.
 """
 
 from typing import Any, Optional
@@ -32,6 +53,9 @@ def _add(theta, eps):
 @gin.configurable
 class VariationalLearnedOptimizer(lopt_base.LearnedOptimizer):
   """Applies theta + eps, eps drawn per inner problem at init.
+
+  eps is kept for the whole inner run, across truncations (unlike our
+  estimators, which draw a fresh eps per truncation: see the module doc).
 
   Args:
     learned_opt: the wrapped learned optimizer.

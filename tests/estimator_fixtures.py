@@ -75,3 +75,30 @@ def worker_weights(theta, outer_iteration=0):
       theta=theta,
       theta_model_state=None,
       outer_state=gradient_learner.OuterState(outer_iteration))
+
+
+def seeded_quadratic_family(dim=4, seed=0):
+  """LO's FixedDimQuadraticFamilyData with reproducible batches.
+
+  Two families built with the same seed yield the same batches, so a test
+  can replay exactly what an unroll read. `family.reads` counts batches read
+  per split.
+  """
+  import collections  # pylint: disable=g-import-not-at-top
+  from learned_optimization.tasks import quadratics  # pylint: disable=g-import-not-at-top
+  from learned_optimization.tasks.datasets import base as datasets_base  # pylint: disable=g-import-not-at-top
+
+  family = quadratics.FixedDimQuadraticFamilyData(dim)
+  reads = collections.Counter()
+
+  def batches(split, offset):
+    rng = np.random.default_rng(seed * 10 + offset)
+    while True:
+      reads[split] += 1
+      yield np.float32(rng.standard_normal())
+
+  family.datasets = datasets_base.Datasets(
+      train=batches("train", 0), inner_valid=batches("inner_valid", 1),
+      outer_valid=batches("outer_valid", 2), test=batches("test", 3))
+  family.reads = reads
+  return family

@@ -106,18 +106,19 @@ def _mlp_hybrid(mode_cls, num_tasks, unroll_length=20, steps_per_jit=10,
 
 def test_chunked_reverse_pass_matches_direct_backprop():
   est = _mlp_hybrid(estimators.HybridRPES, num_tasks=3, unroll_length=20,
-                    steps_per_jit=5)
-  unroller = est.unroller
+                    steps_per_jit=5, family=fx.seeded_quadratic_family(4))
   theta = mlp_lopt.MLPLOpt().init(jax.random.PRNGKey(0))
   weights = fx.worker_weights(theta)
   state = est.init_worker_state(weights, jax.random.PRNGKey(1))
-  eps = est._sample_eps(jax.random.PRNGKey(2), theta, SIGMA, num_samples=3)
-  datas = []
-  unroller._chunk_data = lambda real=unroller._chunk_data: datas.append(
-      real()) or datas[-1]
-  out = unroller.unroll(theta, eps, state, jax.random.PRNGKey(3), 20, True)
-
-  # Same data and keys, differentiated in one piece without rematerialization.
+  eps = est.perturbations(jax.random.PRNGKey(2), theta)
+  losses, grads, _ = est.unroller.truncate(theta, eps, state,
+                                           jax.random.PRNGKey(3), 20)
+  # The same batches, from a twin family, and the same keys, differentiated
+  # in one piece through InnerProblems.chunk without the chunked VJP.
+  problems = est.unroller.problems
+  twin = _mlp_hybrid(estimators.HybridRPES, num_tasks=3, unroll_length=20,
+                     steps_per_jit=5, family=fx.seeded_quadratic_family(4))
+  datas = [twin.unroller.problems.chunk_data() for _ in range(4)]
   from pathology_fix import variational  # pylint: disable=g-import-not-at-top
 
   def total_loss(theta_pair):
@@ -126,16 +127,17 @@ def test_chunked_reverse_pass_matches_direct_backprop():
     total = 0.
     for c in range(4):
       active = np.ones((5, 3), bool)
-      states, t = unroller._chunk(theta_pair, states, state.task_param,
-                                  datas[c], unroller._chunk_keys(
-                                      jax.random.PRNGKey(3), c), active)
+      states, t = problems.chunk(theta_pair, states, state.task_param,
+                                 datas[c], problems.chunk_keys(
+                                     jax.random.PRNGKey(3), c), active)
       total = total + t
     return jnp.sum(total / 20.), total / 20.
 
   pair = variational.antithetic_thetas(theta, eps)
-  (_, losses), direct = jax.value_and_grad(total_loss, has_aux=True)(pair)
-  np.testing.assert_allclose(out.losses, losses, rtol=1e-5)
-  for a, b in zip(jax.tree_util.tree_leaves(out.rp_grads),
+  (_, direct_losses), direct = jax.value_and_grad(total_loss,
+                                                  has_aux=True)(pair)
+  np.testing.assert_allclose(losses, direct_losses, rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(grads),
                   jax.tree_util.tree_leaves(direct)):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-7)
 
@@ -152,34 +154,110 @@ def test_antithetic_unrolls_share_data_and_randomness():
   for leaf in jax.tree_util.tree_leaves(out.final_opt_states):
     np.testing.assert_array_equal(leaf[0], leaf[1])
   # The same call with real perturbations does separate the two branches.
-  eps = est._sample_eps(jax.random.PRNGKey(3), theta, SIGMA, num_samples=4)
+  eps = est.perturbations(jax.random.PRNGKey(3), theta)
   out = est.unroller.unroll(theta, eps, state, jax.random.PRNGKey(2), 20,
                             with_rp_grads=False)
   assert np.all(np.asarray(out.losses[0]) != np.asarray(out.losses[1]))
 
 
+def _sgdm_params_after(theta, num_steps, w=fx.W0, m=None):
+  """(w, momentum) after `num_steps` SGD+momentum steps on the fixed quadratic.
+
+  Written from the optimizer's definition (see fx.reference_meta_loss).
+  """
+  lr = np.exp(float(theta["log_lr"]))
+  mu = 1.0 - np.exp(float(theta["one_minus_momentum"]))
+  w = np.asarray(w, np.float64)
+  m = np.zeros_like(w) if m is None else m
+  for _ in range(num_steps):
+    m = fx.CURVATURE * w + mu * m
+    w = w - lr * m
+  return w, m
+
+
+def _inner_params(est, theta, state):
+  opt = est.learned_opt.opt_fn(theta)
+  return np.asarray(jax.vmap(opt.get_params)(state.inner_opt_state)["w"])
+
+
+def _shifted(theta, eps, i, sign):
+  return {k: theta[k] + sign * eps[k][i] for k in theta}
+
+
 def test_next_state_continues_from_positive_branch_and_resets_at_the_end():
-  family = quadratics.FixedDimQuadraticFamilyData(4)
+  # 30-step inner runs, truncations of 20: 20 steps, then the 10 left, then a
+  # reset. Fixed start and no data: the inner trajectory is known exactly.
   est = estimators.HybridRPES(
-      family, mlp_lopt.MLPLOpt(),
+      fx.fixed_quadratic_family(), lopt_base.LearnableSGDM(),
       truncation_schedule.ConstantTruncationSchedule(30),
-      num_tasks=2, unroll_length=20, steps_per_jit=10)
-  theta = mlp_lopt.MLPLOpt().init(jax.random.PRNGKey(0))
+      num_tasks=2, unroll_length=20, steps_per_jit=10, sigma=SIGMA)
+  theta = fx.sgdm_theta()
   weights = fx.worker_weights(theta)
   state = est.init_worker_state(weights, jax.random.PRNGKey(1))
-  out, metrics = est.compute_gradient_estimate(weights, jax.random.PRNGKey(2),
-                                               state)
+  keys = [jax.random.PRNGKey(2), jax.random.PRNGKey(3)]
+  eps = [est.perturbations(k, theta) for k in keys]
+  out, _ = est.compute_gradient_estimate(weights, keys[0], state)
   np.testing.assert_array_equal(out.unroll_state.inner_step, [20, 20])
-  # Second truncation is clipped to the 10 steps left in the 30-step run.
-  out, metrics = est.compute_gradient_estimate(weights, jax.random.PRNGKey(3),
+  got = _inner_params(est, theta, out.unroll_state)
+  momenta = []
+  for i in range(2):
+    plus, m = _sgdm_params_after(_shifted(theta, eps[0], i, +1), 20)
+    momenta.append((plus, m))
+    np.testing.assert_allclose(got[i], plus, rtol=1e-4)
+    # theta and theta - eps end elsewhere, by far more than the tolerance.
+    for sign in (0, -1):
+      other, _ = _sgdm_params_after(_shifted(theta, eps[0], i, sign), 20)
+      assert np.max(np.abs(other - plus) / np.abs(plus)) > 1e-2
+
+  # Second truncation: clipped to the 10 steps left, with a FRESH eps
+  # (issue 9.4: one eps per truncation, not per inner run).
+  out, metrics = est.compute_gradient_estimate(weights, keys[1],
                                                out.unroll_state)
   assert float(metrics["mean||truncation_length"]) == 10
   np.testing.assert_array_equal(out.unroll_state.inner_step, [30, 30])
   assert float(metrics["mean||inner_runs_finished"]) == 1.0
+  got = _inner_params(est, theta, out.unroll_state)
+  for i in range(2):
+    assert np.all(np.asarray(eps[1]["log_lr"][i]) !=
+                  np.asarray(eps[0]["log_lr"][i]))
+    w, m = momenta[i]
+    fresh, _ = _sgdm_params_after(_shifted(theta, eps[1], i, +1), 10, w, m)
+    kept, _ = _sgdm_params_after(_shifted(theta, eps[0], i, +1), 10, w, m)
+    np.testing.assert_allclose(got[i], fresh, rtol=1e-4)
+    assert np.max(np.abs(kept - fresh) / np.abs(fresh)) > 1e-2
+
   # Third starts new inner problems.
   out, _ = est.compute_gradient_estimate(weights, jax.random.PRNGKey(4),
                                          out.unroll_state)
   np.testing.assert_array_equal(out.unroll_state.inner_step, [20, 20])
+
+
+def test_variational_lopt_keeps_one_eps_for_the_whole_inner_run():
+  """The wrapper's objective: eps drawn at init, kept across truncations."""
+  theta = fx.sgdm_theta()
+  weights = fx.worker_weights(theta)
+  wrapped = variational_lopt.VariationalLearnedOptimizer(
+      lopt_base.LearnableSGDM(), sigma=SIGMA)
+  lo_estimator = truncated_grad.TruncatedGrad(
+      fx.fixed_quadratic_family(), wrapped,
+      truncation_schedule.ConstantTruncationSchedule(30),
+      num_tasks=2, unroll_length=10, steps_per_jit=5)
+  state = lo_estimator.init_worker_state(weights, jax.random.PRNGKey(0))
+  eps = state.inner_opt_state.eps
+  for i in range(2):  # two truncations of the same 30-step inner run
+    out, _ = lo_estimator.compute_gradient_estimate(
+        weights, jax.random.PRNGKey(10 + i), state)
+    state = out.unroll_state
+    for a, b in zip(jax.tree_util.tree_leaves(eps),
+                    jax.tree_util.tree_leaves(state.inner_opt_state.eps)):
+      np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(state.inner_step, [20, 20])
+  opt = lopt_base.LearnableSGDM().opt_fn(theta)
+  got = np.asarray(jax.vmap(opt.get_params)(
+      state.inner_opt_state.inner_opt_state)["w"])
+  for i in range(2):
+    expected, _ = _sgdm_params_after(_shifted(theta, eps, i, +1), 20)
+    np.testing.assert_allclose(got[i], expected, rtol=1e-4)
 
 
 def test_merged_variance_is_at_most_the_better_estimator():
@@ -191,7 +269,7 @@ def test_merged_variance_is_at_most_the_better_estimator():
   grads = {mode: [] for mode in estimators.MODES}
   for i in range(40):
     key_eps, key_unroll = jax.random.split(jax.random.PRNGKey(100 + i))
-    eps = est._sample_eps(key_eps, theta, SIGMA, num_samples=16)
+    eps = est.perturbations(key_eps, theta)
     out = est.unroller.unroll(theta, eps, state, key_unroll, 20, True)
     for mode in estimators.MODES:
       g, _ = estimators.combine_samples(out.losses, out.rp_grads, eps, SIGMA,

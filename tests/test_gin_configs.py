@@ -59,7 +59,7 @@ def test_config_builds_its_estimator(name):
   if name.startswith("paper") or name.startswith("ablation"):
     assert estimator.num_tasks == 128 and estimator.sigma == 0.1
     split = "train" if name.endswith("train_objective") else "outer_valid"
-    assert estimator.unroller.meta_loss_split == split
+    assert estimator.unroller.problems.meta_loss_split == split
 
 
 def test_mixture_config_builds_both_estimator_types():

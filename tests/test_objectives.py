@@ -79,3 +79,24 @@ def test_validate_max_loss(bad):
   with pytest.raises(ValueError, match="max_loss"):
     obj.clipped_mean_loss(jnp.ones(3), max_loss=bad)
   assert obj.validate_max_loss(10) == 10.0
+
+
+def test_batch_average_clips_each_batch_then_averages():
+  # Three distinct batches per column; one of them diverged (25 > 10).
+  losses = np.array([[1.0, 2.0], [3.0, 25.0], [25.0, 0.5]], np.float32)
+  got = obj.batch_averaged_meta_loss(losses, max_loss=10.0)
+  np.testing.assert_allclose(got, [(1 + 3 + 10) / 3, (2 + 10 + 0.5) / 3],
+                             rtol=1e-6)
+  np.testing.assert_allclose(
+      obj.batch_averaged_meta_loss(losses, 10.0, clip_mode="mean"),
+      losses.mean(axis=0), rtol=1e-6)
+  # The clipped batch passes no gradient; the others pass 1/B each.
+  grad = jax.grad(lambda l: jnp.sum(obj.batch_averaged_meta_loss(l, 10.0)))(
+      jnp.asarray(losses))
+  np.testing.assert_allclose(grad, np.where(losses > 10, 0.0, 1 / 3),
+                             rtol=1e-6)
+
+
+def test_bad_clip_mode_names_the_parameter():
+  with pytest.raises(ValueError, match="meta_loss_clip_mode.*per_batch.*mean"):
+    obj.batch_averaged_meta_loss(jnp.ones((2,)), clip_mode="median")

@@ -16,10 +16,10 @@ from pathology_fix import schedules
 SIGMA = 0.1
 
 
-def _hybrid(lopt=None, **kwargs):
+def _hybrid(lopt=None, family=None, **kwargs):
   # LearnableSGDM compiles fast; its state mixes float and int leaves.
   return estimators.HybridRPES(
-      quadratics.FixedDimQuadraticFamilyData(4),
+      family or quadratics.FixedDimQuadraticFamilyData(4),
       lopt or lopt_base.LearnableSGDM(),
       truncation_schedule.ConstantTruncationSchedule(200), num_tasks=3,
       unroll_length=30, steps_per_jit=10, sigma=SIGMA, **kwargs)
@@ -30,27 +30,19 @@ def _hybrid(lopt=None, **kwargs):
     pytest.param(mlp_lopt.MLPLOpt, marks=pytest.mark.slow),
 ])
 def test_rematerialized_and_stored_gradients_are_equal(lopt):
-  est = _hybrid(lopt(), rematerialize=True)
-  unroller = est.unroller
   theta = lopt().init(jax.random.PRNGKey(0))
-  state = est.init_worker_state(fx.worker_weights(theta), jax.random.PRNGKey(1))
-  eps = est._sample_eps(jax.random.PRNGKey(2), theta, SIGMA, num_samples=3)  # pylint: disable=protected-access
-  # Both passes must see the same batches: replay the first pass's data.
-  datas, replay = [], []
-  real = unroller._chunk_data  # pylint: disable=protected-access
-
-  def record():
-    datas.append(real())
-    return datas[-1]
-
   outs = {}
   for remat in (True, False):
-    unroller._chunk_data = record if remat else replay.pop  # pylint: disable=protected-access
-    unroller.rematerialize = remat
-    outs[remat] = unroller.unroll(theta, eps, state, jax.random.PRNGKey(3), 30,
-                                  with_rp_grads=True)
-    replay = datas[::-1]
-  assert len(datas) == 3  # k = 30 in chunks of 10: a real multi-chunk pass
+    # Twin families with one seed: both passes read the same batches.
+    family = fx.seeded_quadratic_family(4)
+    est = _hybrid(lopt(), family=family, rematerialize=remat)
+    state = est.init_worker_state(fx.worker_weights(theta),
+                                  jax.random.PRNGKey(1))
+    eps = est.perturbations(jax.random.PRNGKey(2), theta)
+    outs[remat] = est.unroller.unroll(theta, eps, state, jax.random.PRNGKey(3),
+                                      30, with_rp_grads=True)
+    # k = 30 in chunks of 10 for 3 samples: a real multi-chunk pass.
+    assert family.reads["train"] == 30 * 3
 
   np.testing.assert_array_equal(outs[True].losses, outs[False].losses)
   for a, b in zip(jax.tree_util.tree_leaves(outs[True].final_opt_states),
@@ -64,24 +56,23 @@ def test_rematerialized_and_stored_gradients_are_equal(lopt):
 
 
 def test_auto_rematerializes_above_the_chunk_threshold():
-  unroller = _hybrid(rematerialize="auto", remat_chunk_threshold=4).unroller
-  assert [unroller.uses_remat(c) for c in (1, 4, 5, 100)] == [
+  engine = _hybrid(rematerialize="auto", remat_chunk_threshold=4).unroller.engine
+  assert [engine.uses_remat(c) for c in (1, 4, 5, 100)] == [
       False, False, True, True]
-  assert _hybrid(rematerialize=True).unroller.uses_remat(1)
-  assert not _hybrid(rematerialize=False).unroller.uses_remat(100)
+  assert _hybrid(rematerialize=True).unroller.engine.uses_remat(1)
+  assert not _hybrid(rematerialize=False).unroller.engine.uses_remat(100)
 
 
 def test_auto_rematerializes_when_residuals_exceed_the_memory_budget():
   est = _hybrid(rematerialize="auto", remat_memory_budget_mb=1e-6)
-  unroller = est.unroller
+  engine = est.unroller.engine
   theta = lopt_base.LearnableSGDM().init(jax.random.PRNGKey(0))
   state = est.init_worker_state(fx.worker_weights(theta), jax.random.PRNGKey(1))
-  eps = est._sample_eps(jax.random.PRNGKey(2), theta, SIGMA, num_samples=3)  # pylint: disable=protected-access
-  assert not unroller.uses_remat(1)  # residual size not known yet
-  unroller.unroll(theta, eps, state, jax.random.PRNGKey(3), 10,
-                  with_rp_grads=True)
-  assert unroller.residual_bytes_per_chunk > 0
-  assert unroller.uses_remat(1)  # one chunk already exceeds ~1 byte
+  eps = est.perturbations(jax.random.PRNGKey(2), theta)
+  assert not engine.uses_remat(1)  # residual size not known yet
+  est.unroller.truncate(theta, eps, state, jax.random.PRNGKey(3), 10)
+  assert engine.residual_bytes_per_chunk > 0
+  assert engine.uses_remat(1)  # one chunk already exceeds ~1 byte
 
 
 def test_max_chunks_of_each_schedule():
@@ -113,5 +104,5 @@ def test_remat_options_are_gin_configurable():
         truncation_schedule.ConstantTruncationSchedule(100), num_tasks=2)
   finally:
     gin.clear_config()
-  assert est.unroller.rematerialize is False
-  assert est.unroller.remat_chunk_threshold == 7
+  assert est.unroller.engine.rematerialize is False
+  assert est.unroller.engine.remat_chunk_threshold == 7

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jax
+import jax.numpy as jnp
 import estimator_fixtures as fx
 from learned_optimization.learned_optimizers import base as lopt_base
 from learned_optimization.outer_trainers import truncation_schedule
@@ -17,13 +18,22 @@ TARGETS = {"train": 1.0, "inner_valid": 50.0, "outer_valid": -1.0, "test": 1000.
 LR = 0.1
 
 
-def _tagged_family(reads):
-  """Batches {"target": c} with c fixed per split; counts reads per split."""
+def _tagged_family(reads, outer_valid_targets=None):
+  """Batches {"target": c} with c fixed per split; counts reads per split.
+
+  outer_valid_targets: a cycle of targets for the outer_valid batches
+  (default: TARGETS["outer_valid"] every time).
+  """
 
   def iterator(split):
+    targets = [TARGETS[split]]
+    if split == "outer_valid" and outer_valid_targets is not None:
+      targets = list(outer_valid_targets)
+    i = 0
     while True:
       reads[split] += 1
-      yield {"target": np.float32(TARGETS[split])}
+      yield {"target": np.float32(targets[i % len(targets)])}
+      i += 1
 
   datasets = datasets_base.Datasets(
       train=iterator("train"), inner_valid=iterator("inner_valid"),
@@ -42,12 +52,13 @@ def _tagged_family(reads):
   return tasks_base.single_task_to_family(task, name="tagged")
 
 
-def _estimator(family, split, steps=10):
+def _estimator(family, split, steps=10, max_loss=1e9, **kwargs):
   return estimators.HybridRPES(
       family, lopt_base.LearnableSGD(initial_lr=LR),
       truncation_schedule.ConstantTruncationSchedule(100),
       num_tasks=2, unroll_length=steps, steps_per_jit=5,
-      meta_loss_split=split, meta_loss_evals=3, max_loss=1e9)
+      meta_loss_split=split, meta_loss_evals=3 if split == "outer_valid" else 1,
+      max_loss=max_loss, **kwargs)
 
 
 def _closed_form(split, steps=10):
@@ -97,3 +108,79 @@ def test_training_and_validation_objectives_differ_when_the_task_overfits():
   # Training loss falls with a larger step; validation loss rises with it.
   assert values["train"][0] < values["outer_valid"][0]
   assert values["train"][1] < 0 < values["outer_valid"][1]
+
+
+def _sgd_after_steps(log_lr, steps=10):
+  """w after each SGD step on (w - 1)^2 from w = 0, lr = exp(log_lr)."""
+  w, ws = 0.0, []
+  for _ in range(steps):
+    w = w - jnp.exp(log_lr) * 2 * (w - TARGETS["train"])
+    ws.append(w)
+  return jnp.stack(ws)
+
+
+def _unperturbed_truncation(est, theta, steps=10):
+  """Losses [2, n] and dL/dtheta [2, n] of one truncation at eps = 0."""
+  state = est.init_worker_state(fx.worker_weights(theta), jax.random.PRNGKey(1))
+  zeros = jax.tree_util.tree_map(lambda t: jnp.zeros((2,) + t.shape), theta)
+  out = est.unroller.unroll(theta, zeros, state, jax.random.PRNGKey(2), steps,
+                            with_rp_grads=True)
+  return np.asarray(out.losses), np.asarray(out.rp_grads["log_lr"])
+
+
+def test_validation_loss_averages_distinct_batches():
+  # Each step's 3 evaluation batches have targets -1, -2 and -3 (a cycle of 3
+  # over blocks of 10 reads), so the meta-loss is mean_c (w - c)^2.
+  targets = (-1.0, -2.0, -3.0)
+  est = _estimator(_tagged_family(collections.Counter(), targets),
+                   "outer_valid")
+  theta = lopt_base.LearnableSGD(initial_lr=LR).init(jax.random.PRNGKey(0))
+  losses, _ = _unperturbed_truncation(est, theta)
+  ws = np.asarray(_sgd_after_steps(np.log(LR)))
+  expected = np.mean([(ws - c)**2 for c in targets])
+  np.testing.assert_allclose(losses, expected, rtol=1e-5)
+  # Not the loss of any single target: the batches really differ.
+  for c in targets:
+    assert abs(np.mean((ws - c)**2) - expected) > 0.1
+
+
+def _one_diverged_batch(clip_mode):
+  # Targets 0, 0, 10: w stays in [0, 1), so (w - 10)^2 > 81 > max_loss = 25
+  # while w^2 < 1. The mean of the three is > 27, also above the clip.
+  est = _estimator(_tagged_family(collections.Counter(), (0.0, 0.0, 10.0)),
+                   "outer_valid", max_loss=25.0, meta_loss_clip_mode=clip_mode)
+  theta = lopt_base.LearnableSGD(initial_lr=LR).init(jax.random.PRNGKey(0))
+  return _unperturbed_truncation(est, theta)
+
+
+def test_clipped_batch_counts_max_loss_and_passes_no_gradient():
+  losses, grads = _one_diverged_batch("per_batch")
+
+  def reference(log_lr):
+    ws = _sgd_after_steps(log_lr)
+    return jnp.mean((2 * ws**2 + 25.0) / 3)  # the diverged batch is a constant
+
+  value, grad = jax.value_and_grad(reference)(jnp.log(LR))
+  np.testing.assert_allclose(losses, float(value), rtol=1e-5)
+  np.testing.assert_allclose(grads, float(grad), rtol=1e-4)
+  assert float(grad) != 0.0
+
+
+def test_clip_of_the_mean_is_kept_behind_its_option():
+  losses, grads = _one_diverged_batch("mean")
+  np.testing.assert_allclose(losses, 25.0)  # the mean is clipped...
+  np.testing.assert_array_equal(grads, 0.0)  # ...so no batch passes gradient
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(meta_loss_clip_mode="batch"), "meta_loss_clip_mode.*per_batch"),
+    (dict(meta_loss_split="train", meta_loss_evals=2), "meta_loss_evals"),
+])
+def test_bad_meta_loss_options_name_the_parameter(kwargs, match):
+  base = dict(num_tasks=2, unroll_length=10, steps_per_jit=5,
+              meta_loss_split="outer_valid", meta_loss_evals=3)
+  base.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    estimators.HybridRPES(
+        _tagged_family(collections.Counter()), lopt_base.LearnableSGD(),
+        truncation_schedule.ConstantTruncationSchedule(100), **base)
