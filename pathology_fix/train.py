@@ -355,8 +355,8 @@ def execute(argv: Sequence[str]) -> int:
   """`python -m pathology_fix.train ARGS` in this process; returns the status.
 
   argv[0] is the program name. absl's flags and the gin config are reset
-  first; afterwards the gin config is cleared, and the flags too unless they
-  had been parsed before. absl's app set-up (logging handlers, signal
+  first; afterwards the gin config is cleared and the flags go back to their
+  defaults, parsed if they had been parsed before. absl's app set-up (logging handlers, signal
   handling) is skipped. For tests and for embedding the CLI in a program.
   """
   flags_were_parsed = FLAGS.is_parsed()
@@ -370,8 +370,11 @@ def execute(argv: Sequence[str]) -> int:
     return main(remaining)
   finally:
     gin.clear_config()
-    if not flags_were_parsed:
-      FLAGS.unparse_flags()
+    # Back to defaults, parsed or not as before (a failed parse leaves absl's
+    # flags unparsed, and LO reads flags such as profile_log_times).
+    FLAGS.unparse_flags()
+    if flags_were_parsed:
+      FLAGS.mark_as_parsed()
 
 
 def run():
