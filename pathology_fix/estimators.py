@@ -28,6 +28,7 @@ import numpy as np
 from learned_optimization.outer_trainers import gradient_learner
 from pathology_fix import combine
 from pathology_fix import curriculum
+from pathology_fix import lo_api
 from pathology_fix import schedules
 from pathology_fix import unroll
 from pathology_fix import variational
@@ -99,7 +100,10 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
   Gin bindings on `VariationalEstimator.<arg>` apply to all three (a binding
   on a subclass wins), so an ablation config only swaps the class.
 
-  Constructor arguments follow LO's TruncatedPES/TruncatedGrad, plus:
+  Constructor arguments follow LO 0.0.1's TruncatedPES/TruncatedGrad
+  (`task_family, learned_opt, trunc_sched, num_tasks, unroll_length,
+  steps_per_jit`); LO main's `(truncated_step, ...)` works too, taking
+  `trunc_sched` / `num_tasks` from the step unless bound here. Plus:
     sigma: std of the Gaussian smoothing (paper 0.1; released code 0.01).
     truncation_length: a `schedules.TruncationLength` (e.g.
       `LinearTruncationCurriculum`); None means `unroll_length` every step.
@@ -119,9 +123,9 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
 
   def __init__(self,
                task_family,
-               learned_opt,
-               trunc_sched,
-               num_tasks: int,
+               learned_opt=None,
+               trunc_sched=None,
+               num_tasks: Optional[int] = None,
                unroll_length: int = 20,
                steps_per_jit: int = 10,
                sigma: float = 0.1,
@@ -136,6 +140,9 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
                remat_memory_budget_mb: Optional[float] = None,
                shard_samples: bool = True):
     name = type(self).__name__
+    # LO 0.0.1 passes (task_family, learned_opt); main passes a truncated step.
+    task_family, learned_opt, trunc_sched, num_tasks = lo_api.estimator_inputs(
+        name, task_family, learned_opt, trunc_sched, num_tasks)
     if int(num_tasks) < 2:
       raise ValueError(
           f"{name}.num_tasks ({num_tasks}) must be >= 2: the per-coordinate "
@@ -178,6 +185,12 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
     self._sample_eps = jax.jit(
         variational.sample_perturbations, static_argnames=("num_samples",))
     self._finish = jax.jit(self._finish_step)
+
+  def task_name(self):  # LO main names metrics with these
+    return self.task_family.name
+
+  def cfg_name(self):
+    return self.learned_opt.name
 
   def init_worker_state(self, worker_weights, key):
     return self.unroller.init_state(worker_weights.theta,
