@@ -190,7 +190,7 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
     return self.task_family.name
 
   def cfg_name(self):
-    return self.learned_opt.name
+    return self.learned_opt.name or type(self.learned_opt).__name__
 
   def init_worker_state(self, worker_weights, key):
     return self.unroller.init_state(worker_weights.theta,
