@@ -217,13 +217,38 @@ class _ScopedLoader(importlib.abc.Loader):
     return getattr(self._loader, name)
 
 
+class _AliasLoader(importlib.abc.Loader):
+  """Loads an already imported module under another name."""
+
+  def __init__(self, module):
+    self._module = module
+
+  def create_module(self, spec):
+    return self._module
+
+  def exec_module(self, module):
+    pass
+
+
+# Stand-ins also importable outside LO's module execution: LO main imports
+# courier inside functions (distributed.py, population.py). Nothing probes
+# for courier the way flax and etils probe for tensorflow.
+_RUNTIME_STAND_INS = ("courier",)
+
+
 class _LearnedOptimizationFinder(importlib.abc.MetaPathFinder):
   """Finds `learned_optimization.*` normally, then scopes its execution."""
 
-  def __init__(self, scope):
+  def __init__(self, scope, stand_ins):
     self._scope = scope
+    self._runtime_stand_ins = {
+        name: stand_ins[name] for name in _RUNTIME_STAND_INS
+        if name in stand_ins}
 
   def find_spec(self, fullname, path, target=None):
+    if fullname in self._runtime_stand_ins:
+      return importlib.util.spec_from_loader(
+          fullname, _AliasLoader(self._runtime_stand_ins[fullname]))
     if fullname != "learned_optimization" and not fullname.startswith(
         "learned_optimization."):
       return None
@@ -305,6 +330,7 @@ def apply():
   # Imported before the scope exists so they see the real environment.
   import flax.serialization  # pylint: disable=g-import-not-at-top,unused-import
   import flax.training.checkpoints  # pylint: disable=g-import-not-at-top,unused-import
-  scope = _StandInScope(_make_stand_ins())
-  sys.meta_path.insert(0, _LearnedOptimizationFinder(scope))
+  stand_ins = _make_stand_ins()
+  scope = _StandInScope(stand_ins)
+  sys.meta_path.insert(0, _LearnedOptimizationFinder(scope, stand_ins))
   _applied = True
