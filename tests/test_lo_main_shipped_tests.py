@@ -3,7 +3,7 @@
 The same runner as tests/test_lo_shipped_tests.py (0.0.1): each module in a
 subprocess that imports pathology_fix first, os.cpu_count() at a time. Runs
 only where LO main is installed (`PATHOLOGY_FIX_LO=main ./run.sh test`).
-Survey at commit 32186aa: 39 of 71 modules pass; the rest are listed in
+Survey at commit 32186aa: 40 of 71 modules pass; the rest are listed in
 NOT_RUN with the reason.
 """
 
