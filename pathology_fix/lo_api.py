@@ -169,8 +169,8 @@ def maybe_resample_gradient_estimators(
     kwargs["worker_id"] = worker_id
   elif sample_estimators_fn is not None:
     raise ValueError(
-        "sample_estimators_fn needs learned_optimization GitHub main; 0.0.1 "
-        "always resamples with build_gradient_estimators")
+        "resumable_local_train.sample_estimators_fn needs learned_optimization "
+        "GitHub main; 0.0.1 always resamples with build_gradient_estimators")
   return outer_train.maybe_resample_gradient_estimators(
       learned_opt, gradient_estimators, unroll_states, **kwargs)
 
