@@ -2,11 +2,20 @@
 # The two commands of the README:
 #   ./run.sh demo   set up (once) and run a short meta-training demo
 #   ./run.sh test   set up (once) and run the test suite
+# With PATHOLOGY_FIX_LO=main both use learned_optimization GitHub main in
+# .venv-lo-main (scripts/bootstrap.sh), and `test` runs the `lo_main` subset.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$root"
-bash scripts/bootstrap.sh
-py="$root/.venv/bin/python"
+variant="${PATHOLOGY_FIX_LO:-0.0.1}"
+bash scripts/bootstrap.sh "$variant"
+if [ "$variant" = main ]; then
+  py="$root/.venv-lo-main/bin/python"
+  tests=(-m "lo_main and not slow")
+else
+  py="$root/.venv/bin/python"
+  tests=(-m "not slow")
+fi
 case "${1:-}" in
   demo)
     shift
@@ -14,10 +23,10 @@ case "${1:-}" in
     ;;
   test)
     shift
-    exec "$py" -m pytest -q -m "not slow" tests "$@"
+    exec "$py" -m pytest -q "${tests[@]}" tests "$@"
     ;;
   *)
-    echo "usage: ./run.sh demo|test [extra args]" >&2
+    echo "usage: [PATHOLOGY_FIX_LO=main] ./run.sh demo|test [extra args]" >&2
     exit 2
     ;;
 esac

@@ -18,6 +18,9 @@ setuptools.setup(
                  "curriculum and validation meta-objectives for "
                  "learned_optimization"),
     packages=setuptools.find_packages(include=["pathology_fix", "pathology_fix.*"]),
+    # Start-up hook for LO's own binaries; `python -m pathology_fix_startup`
+    # writes its .pth (see that module).
+    py_modules=["pathology_fix_startup"],
     python_requires=">=3.10",
     install_requires=[
         "jax",

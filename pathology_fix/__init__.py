@@ -1,7 +1,8 @@
 """pathology-fix: Metz et al. (ICML 2019) meta-training for learned_optimization.
 
 Importing this package applies the compatibility layer that makes
-learned-optimization 0.0.1 run on current JAX (see `compat`), then registers
+learned-optimization (PyPI 0.0.1 or GitHub main, see `lo_api`) run on current
+JAX (see `compat`), then registers
 every gin configurable of the plugin, so `--gin_import=pathology_fix` is all a
 user of LO's own tools needs.
 """
@@ -9,6 +10,11 @@ user of LO's own tools needs.
 from pathology_fix import compat
 
 compat.apply()
+
+# After compat: detecting the API imports learned_optimization's package.
+from pathology_fix import lo_api  # pylint: disable=g-import-not-at-top
+
+lo_api.install()
 
 __version__ = "0.1.0"
 

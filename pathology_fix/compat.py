@@ -17,6 +17,11 @@ single-machine work get stand-ins that exist only while LO modules execute.
 | tensorflow, tensorflow.compat.v2, tensorflow_datasets | stand-in while LO modules execute | imported at module level by summary.py and tasks/datasets; only used inside functions |
 | flax.metrics.tensorboard              | `pathology_fix.tensorboard_writer`   | needs TF and tensorboard; summaries go through tensorboardX instead |
 | courier (dm-launchpad)                | `pathology_fix.inprocess_courier` while LO modules execute | no build for this Python; LO's learner/worker servers then run as threads of one process |
+| summary.TensorboardWriter / JaxboardWriter (LO main) | `pathology_fix.tensorboard_writer.SummaryWriter` | main writes with `tf.summary` instead of flax's writer |
+| setup_experiment turning jax_log_compiles on (LO main) | the previous value restored after it | hundreds of "Compiling ..." warnings per run |
+
+LO main is told from 0.0.1 by its features (see `lo_api`); each fix above
+checks for the name it replaces, so one layer serves both.
 
 Stand-ins are visible only while an LO module executes: a global fake
 `tensorflow` in sys.modules breaks flax.io and etils, which probe for it.
@@ -154,6 +159,43 @@ class _StandInScope:
     self._lock.release()
 
 
+def _use_tensorboardx_writer(summary_module):
+  """LO main's summary writers need TensorFlow; 0.0.1's is flax's (stood in)."""
+  if "TensorboardWriter" in summary_module.__dict__ and (
+      not _is_installed("tensorflow") or not _is_installed("tensorboard")):
+    from pathology_fix import tensorboard_writer  # pylint: disable=g-import-not-at-top
+    summary_module.TensorboardWriter = tensorboard_writer.SummaryWriter
+    summary_module.JaxboardWriter = tensorboard_writer.SummaryWriter
+
+
+def _keep_log_compiles_setting(setup_module):
+  """LO main's setup_experiment turns jax_log_compiles on: keep the user's value.
+
+  (JAX_LOG_COMPILES=1 in the environment still turns it on.)
+  """
+  original = setup_module.setup_experiment
+  if getattr(original, "_keeps_log_compiles", False):
+    return
+
+  def setup_experiment(*args, **kwargs):
+    before = jax.config.jax_log_compiles
+    try:
+      return original(*args, **kwargs)
+    finally:
+      jax.config.update("jax_log_compiles", before)
+
+  setup_experiment.__doc__ = original.__doc__
+  setup_experiment._keeps_log_compiles = True  # pylint: disable=protected-access
+  setup_module.setup_experiment = setup_experiment
+
+
+# Run right after the LO module of that name executes.
+_AFTER_IMPORT = {
+    "learned_optimization.summary": _use_tensorboardx_writer,
+    "learned_optimization.setup_experiment": _keep_log_compiles_setting,
+}
+
+
 class _ScopedLoader(importlib.abc.Loader):
   """Wraps LO's loader so that its modules execute inside the stand-in scope."""
 
@@ -167,18 +209,46 @@ class _ScopedLoader(importlib.abc.Loader):
   def exec_module(self, module):
     with self._scope:
       self._loader.exec_module(module)
+    fix = _AFTER_IMPORT.get(module.__name__)
+    if fix is not None:
+      fix(module)
 
   def __getattr__(self, name):  # get_source, get_filename, ... for tools
     return getattr(self._loader, name)
 
 
+class _AliasLoader(importlib.abc.Loader):
+  """Loads an already imported module under another name."""
+
+  def __init__(self, module):
+    self._module = module
+
+  def create_module(self, spec):
+    return self._module
+
+  def exec_module(self, module):
+    pass
+
+
+# Stand-ins also importable outside LO's module execution: LO main imports
+# courier inside functions (distributed.py, population.py). Nothing probes
+# for courier the way flax and etils probe for tensorflow.
+_RUNTIME_STAND_INS = ("courier",)
+
+
 class _LearnedOptimizationFinder(importlib.abc.MetaPathFinder):
   """Finds `learned_optimization.*` normally, then scopes its execution."""
 
-  def __init__(self, scope):
+  def __init__(self, scope, stand_ins):
     self._scope = scope
+    self._runtime_stand_ins = {
+        name: stand_ins[name] for name in _RUNTIME_STAND_INS
+        if name in stand_ins}
 
   def find_spec(self, fullname, path, target=None):
+    if fullname in self._runtime_stand_ins:
+      return importlib.util.spec_from_loader(
+          fullname, _AliasLoader(self._runtime_stand_ins[fullname]))
     if fullname != "learned_optimization" and not fullname.startswith(
         "learned_optimization."):
       return None
@@ -260,6 +330,7 @@ def apply():
   # Imported before the scope exists so they see the real environment.
   import flax.serialization  # pylint: disable=g-import-not-at-top,unused-import
   import flax.training.checkpoints  # pylint: disable=g-import-not-at-top,unused-import
-  scope = _StandInScope(_make_stand_ins())
-  sys.meta_path.insert(0, _LearnedOptimizationFinder(scope))
+  stand_ins = _make_stand_ins()
+  scope = _StandInScope(stand_ins)
+  sys.meta_path.insert(0, _LearnedOptimizationFinder(scope, stand_ins))
   _applied = True

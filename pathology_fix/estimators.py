@@ -27,6 +27,7 @@ import numpy as np
 from learned_optimization.outer_trainers import gradient_learner
 from pathology_fix import combine
 from pathology_fix import curriculum
+from pathology_fix import lo_api
 from pathology_fix import schedules
 from pathology_fix import unroll
 from pathology_fix import variational
@@ -133,7 +134,9 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
   on a subclass wins), so an ablation config only swaps the class.
 
   Constructor arguments follow LO's TruncatedGrad (task_family, learned_opt,
-  trunc_sched, num_tasks, unroll_length, steps_per_jit, in this order), plus:
+  trunc_sched, num_tasks, unroll_length, steps_per_jit, in this order); LO
+  main's `(truncated_step, ...)` works too, taking `trunc_sched` / `num_tasks`
+  from the step unless bound here. Plus:
     trunc_length: LO TruncatedPES's name for unroll_length (keyword only);
       giving both with different values is an error.
     sigma: std of the Gaussian smoothing (paper 0.1; released code 0.01).
@@ -161,9 +164,9 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
 
   def __init__(self,
                task_family,
-               learned_opt,
-               trunc_sched,
-               num_tasks: int,
+               learned_opt=None,
+               trunc_sched=None,
+               num_tasks: Optional[int] = None,
                unroll_length: Optional[int] = None,
                steps_per_jit: int = 10,
                sigma: float = 0.1,
@@ -180,6 +183,9 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
                shard_samples: bool = True,
                trunc_length: Optional[int] = None):
     name = type(self).__name__
+    # LO 0.0.1 passes (task_family, learned_opt); main passes a truncated step.
+    task_family, learned_opt, trunc_sched, num_tasks = lo_api.estimator_inputs(
+        name, task_family, learned_opt, trunc_sched, num_tasks)
     if (isinstance(num_tasks, bool) or
         not isinstance(num_tasks, (int, np.integer)) or num_tasks < 2):
       raise ValueError(
@@ -235,6 +241,12 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
     self._sample_eps = jax.jit(
         variational.sample_perturbations, static_argnames=("num_samples",))
     self._finish = jax.jit(self._finish_step)
+
+  def task_name(self):  # LO main names metrics with these
+    return self.task_family.name
+
+  def cfg_name(self):
+    return self.learned_opt.name or type(self.learned_opt).__name__
 
   def init_worker_state(self, worker_weights, key):
     return self.unroller.init_state(worker_weights.theta,

@@ -45,6 +45,8 @@ from learned_optimization.outer_trainers import gradient_learner
 import numpy as onp
 import tqdm
 
+from pathology_fix import lo_api
+
 CHECKPOINT_PREFIX = "checkpoint_"
 PARAMS_PREFIX = "params_"
 METRICS_FILE = "metrics.jsonl"
@@ -123,7 +125,7 @@ def save_checkpoint(train_log_dir: str,
   state = opt_checkpoint.gradient_learner_state
   step = int(state.theta_opt_state.iteration)
   params = gradient_learner.ParameterCheckpoint(
-      outer_learner.get_lopt_params(state), _GEN_ID, step)
+      lo_api.get_meta_params(outer_learner, state), _GEN_ID, step)
   # params first: checkpoint_<N> existing implies params_<N> is complete.
   write_atomically(
       os.path.join(train_log_dir, f"{PARAMS_PREFIX}{step}"),
@@ -293,6 +295,20 @@ def _close_writer(summary_writer: Any, timeout_s: float = 30.0):
                     "TensorBoard events may be missing.", timeout_s)
 
 
+def _estimator_groups(num_estimators: int,
+                      per_step: Optional[int]) -> Sequence[Sequence[int]]:
+  """Estimator indices per outer step, cycling as LO main's local_train does."""
+  if not per_step:
+    return [list(range(num_estimators))]
+  if not 1 <= per_step <= num_estimators:
+    raise ValueError(
+        f"resumable_local_train.run_num_estimators_per_gradient ({per_step}) "
+        f"must be between 1 and num_estimators ({num_estimators})")
+  cycle = [i % num_estimators
+           for i in range(per_step * num_estimators)]  # whole groups repeat
+  return [cycle[g:g + per_step] for g in range(0, len(cycle), per_step)]
+
+
 def _resolve_seed(seed: Optional[int]) -> int:
   return secrets.randbits(31) if seed is None else int(seed)
 
@@ -310,11 +326,15 @@ def local_train(
     checkpoint_every_n_steps: int = 10,
     keep: int = 5,
     seed: Optional[int] = None,
+    sample_estimators_fn: Optional[Any] = None,
+    run_num_estimators_per_gradient: Optional[int] = None,
+    worker_id: int = 0,
 ) -> int:
   """Meta-trains `lopt` in one process, resuming from train_log_dir if possible.
 
-  Same signature as LO's `outer_train.local_train`, plus the gin parameters
-  below (bind them as `resumable_local_train.<name>`).
+  Same signature as LO's `outer_train.local_train` (0.0.1's, and main's with
+  `sample_estimators_fn` / `run_num_estimators_per_gradient`), plus the gin
+  parameters below (bind them as `resumable_local_train.<name>`).
 
   Args:
     train_log_dir: directory for checkpoints, summaries and metrics.jsonl.
@@ -336,6 +356,11 @@ def local_train(
       the outer step, so a resumed run draws what the uninterrupted run would
       have; its estimators' inner problems restart, though (LO's checkpoint
       format holds no estimator state).
+    sample_estimators_fn: builds the estimators (LO main's run_train passes
+      its `sample_estimator_fn`); None: LO's `build_gradient_estimators`.
+    run_num_estimators_per_gradient: estimators run per outer step, cycling
+      through the `num_estimators` (LO main); None: all of them.
+    worker_id: passed to `sample_estimators_fn` (LO main).
 
   Returns:
     The outer step reached.
@@ -344,6 +369,8 @@ def local_train(
     raise ValueError("checkpoint_every_n_steps must be >= 1")
   if keep < 1:
     raise ValueError("keep must be >= 1")
+  estimator_groups = _estimator_groups(num_estimators,
+                                       run_num_estimators_per_gradient)
   os.makedirs(train_log_dir, exist_ok=True)
   seed = _resolve_seed(seed)
   logging.info("Seed: %d", seed)
@@ -393,7 +420,7 @@ def local_train(
   if restored_path is not None:
     _mark_restart(summary_writer, step + 1)
   else:
-    theta = outer_learner.get_lopt_params(gradient_learner_state)
+    theta = lo_api.get_meta_params(outer_learner, gradient_learner_state)
     shapes = jax.tree_util.tree_map(
         lambda x: (tuple(onp.shape(x)), str(jnp.asarray(x).dtype)), theta)
     summary_writer.text("theta_structure", str(shapes), step=0)
@@ -403,10 +430,9 @@ def local_train(
   try:
     if step < num_steps:
       worker_weights = outer_learner.get_state_for_worker(gradient_learner_state)
-      gradient_estimators = outer_train.build_gradient_estimators(
-          learned_opt=lopt,
-          key=estimators_key,
-          num_gradient_estimators=num_estimators)
+      gradient_estimators = lo_api.build_gradient_estimators(
+          sample_estimators_fn, lopt, estimators_key, num_estimators,
+          worker_id=worker_id)
       unroll_keys = jax.random.split(
           jax.random.fold_in(estimators_key, step), num_estimators)
       unroll_states = [
@@ -425,19 +451,23 @@ def local_train(
           jax.random.fold_in(base_key, step), 3)
       worker_weights = outer_learner.get_state_for_worker(gradient_learner_state)
 
+      group = estimator_groups[step % len(estimator_groups)]
       worker_out = gradient_learner.gradient_worker_compute(
-          worker_weights, gradient_estimators, unroll_states, worker_key,
-          with_metrics)
-      unroll_states = worker_out.unroll_states
+          worker_weights, [gradient_estimators[i] for i in group],
+          [unroll_states[i] for i in group], worker_key, with_metrics)
+      unroll_states = list(unroll_states)
+      for i, state in zip(group, worker_out.unroll_states):
+        unroll_states[i] = state
       # One gradient from one worker per update: nothing to aggregate.
       next_state, learner_metrics = outer_learner.update(
           gradient_learner_state, [worker_out.to_put],
           with_metrics=with_metrics, key=learner_key)
       gradient_estimators, unroll_states = (
-          outer_train.maybe_resample_gradient_estimators(
-              lopt, gradient_estimators, unroll_states,
+          lo_api.maybe_resample_gradient_estimators(
+              sample_estimators_fn, lopt, gradient_estimators, unroll_states,
               worker_weights=worker_weights, key=resample_key,
-              stochastic_resample_frequency=stochastic_resample_frequency))
+              stochastic_resample_frequency=stochastic_resample_frequency,
+              worker_id=worker_id))
       next_step = int(next_state.theta_opt_state.iteration)
 
       now = time.time()
@@ -453,7 +483,7 @@ def local_train(
             metrics=metrics,
             worker_ids=worker_ids,
             with_metrics=with_metrics,
-            theta=outer_learner.get_lopt_params(next_state),
+            theta=lo_api.get_meta_params(outer_learner, next_state),
             delta_time=delta_time,
             total_inner_steps=total_inner_steps,
             delta_inner_steps=onp.asarray(0))

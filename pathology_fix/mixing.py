@@ -1,7 +1,7 @@
 """Several estimator types (and task families) in one LO `run_train`.
 
-LO 0.0.1's `build_gradient_estimators` calls ONE `gradient_estimator_fn(
-task_family, learned_opt)` `num_estimators` times. `EstimatorMixture` is such a
+LO's `build_gradient_estimators` calls ONE `gradient_estimator_fn` (0.0.1:
+`(task_family, learned_opt)`; main: `(truncated_step)`) `num_estimators` times. `EstimatorMixture` is such a
 function that cycles through several, e.g. in gin:
 
   build_gradient_estimators.gradient_estimator_fn = @EstimatorMixture()
@@ -16,13 +16,16 @@ from typing import Callable, Optional, Sequence
 import gin
 import jax
 
+from pathology_fix import lo_api
+
 
 @gin.configurable
 class EstimatorMixture:
   """Builds estimator i with `estimator_fns[i % len]`.
 
   Args:
-    estimator_fns: callables `(task_family, learned_opt) -> GradientEstimator`.
+    estimator_fns: estimator classes or callables, called the way this LO's
+      `build_gradient_estimators` calls them (see `lo_api.call_estimator_fn`).
     task_family_fns: optional, one per estimator fn: `key -> TaskFamily`
       replacing the family LO sampled for that estimator (None keeps it).
   """
@@ -42,9 +45,12 @@ class EstimatorMixture:
     self.task_family_fns = task_family_fns
     self._built = 0
 
-  def __call__(self, task_family, learned_opt):
+  def __call__(self, *args):
+    """`(task_family, learned_opt)` on LO 0.0.1, `(truncated_step)` on main."""
+    task_family, learned_opt = lo_api.estimator_fn_args(args)
     index = self._built % len(self.estimator_fns)
     self._built += 1
     if self.task_family_fns is not None and self.task_family_fns[index]:
       task_family = self.task_family_fns[index](jax.random.PRNGKey(self._built))
-    return self.estimator_fns[index](task_family, learned_opt)
+    return lo_api.call_estimator_fn(self.estimator_fns[index], task_family,
+                                    learned_opt)

@@ -1,7 +1,8 @@
 """TensorBoard event files without TensorFlow.
 
-Same interface as `flax.metrics.tensorboard.SummaryWriter` (which LO's
-`summary.JaxboardWriter` is), written through tensorboardX, so that
+Same interface as `flax.metrics.tensorboard.SummaryWriter` (which LO 0.0.1's
+`summary.JaxboardWriter` is) and LO main's `summary.TensorboardWriter`
+(adds `tensor`), written through tensorboardX, so that
 `tensorboard --logdir DIR` works on runs made without TensorFlow installed.
 """
 
@@ -51,6 +52,13 @@ class SummaryWriter:
 
   def write(self, tag, tensor, step):
     self.scalar(tag, tensor, step)
+
+  def tensor(self, tag, value, step):
+    """LO main's writer: scalars as scalars, anything larger as a histogram."""
+    if np.ndim(value) == 0:
+      self.scalar(tag, value, step)
+    else:
+      self.histogram(tag, value, step)
 
   def mark_restart(self, first_new_step):
     """A SessionLog START: TensorBoard drops this run's events from the step on.

@@ -38,6 +38,7 @@ import pathology_fix  # pylint: disable=unused-import  # compat before LO
 from learned_optimization import outer_train  # pylint: disable=g-bad-import-order
 from learned_optimization import setup_experiment  # pylint: disable=g-bad-import-order  # defines the flags
 from pathology_fix import data
+from pathology_fix import lo_api
 from pathology_fix import local_training
 
 FLAGS = flags.FLAGS
@@ -285,6 +286,8 @@ def _parse_gin():
   for path in FLAGS.config_file or []:
     gin.add_config_file_search_path(os.path.dirname(os.path.abspath(path)))
   try:
+    # Config files are translated as gin reads them (lo_api.install).
+    FLAGS.gin_bindings = lo_api.translate_bindings(FLAGS.gin_bindings or [])
     setup_experiment.setup_experiment(
         gin_finalize=True, gin_skip_unknown=False, make_dir=True)
   except _GIN_PARSE_ERRORS as e:

@@ -1,25 +1,61 @@
 #!/usr/bin/env bash
-# Idempotent set-up: a virtualenv in .venv with our dependencies,
-# learned-optimization 0.0.1 installed --no-deps (its pins do not install on
-# current Python), and the offline Fashion-MNIST Debian package.
-# Re-running is cheap: installs happen only when setup.py or this file change.
+# Idempotent set-up of a virtualenv with our dependencies and one
+# learned_optimization (LO), installed --no-deps (its pins do not install on
+# current Python), plus the offline Fashion-MNIST Debian package.
+#
+#   scripts/bootstrap.sh          .venv          LO 0.0.1 from PyPI (the default)
+#   scripts/bootstrap.sh main     .venv-lo-main  LO GitHub main (tested commit below)
+#
+# The variant can also come from PATHOLOGY_FIX_LO (0.0.1 or main). For main,
+# LO_MAIN_WHEEL names a wheel to install; otherwise the first of
+# ../shared/lo_main/*.whl and shared/lo_main/*.whl (beside or inside the
+# checkout; CI has the former), else the pinned commit from GitHub.
+# Both venvs get pathology_fix_startup.pth, so that LO's own binaries import
+# the plugin first (see pathology_fix_startup.py).
+# Re-running is cheap: installs happen only when setup.py, this file or the
+# LO wheel change.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 python="${PYTHON:-python3}"
-venv="$root/.venv"
+LO_MAIN_COMMIT=32186aa46a96f26ba0625755f93c55659adcd523
+
+variant="${1:-${PATHOLOGY_FIX_LO:-0.0.1}}"
+case "$variant" in
+  0.0.1|pypi)
+    venv="$root/.venv"
+    lo_spec="learned-optimization==0.0.1"
+    ;;
+  main)
+    venv="$root/.venv-lo-main"
+    lo_spec="${LO_MAIN_WHEEL:-}"
+    if [ -z "$lo_spec" ]; then
+      for candidate in "$root"/../shared/lo_main/*.whl "$root"/shared/lo_main/*.whl; do
+        if [ -f "$candidate" ]; then lo_spec="$candidate"; break; fi
+      done
+    fi
+    lo_spec="${lo_spec:-git+https://github.com/google/learned_optimization@$LO_MAIN_COMMIT}"
+    ;;
+  *)
+    echo "[bootstrap] unknown learned_optimization variant '$variant' (0.0.1 or main)" >&2
+    exit 2
+    ;;
+esac
 stamp="$venv/.pathology_fix_installed"
-want="$(cat setup.py scripts/bootstrap.sh | sha256sum | cut -c1-16)"
+lo_hash="$lo_spec"
+[ -f "$lo_spec" ] && lo_hash="$(sha256sum "$lo_spec" | cut -c1-16)"
+want="$( (cat setup.py scripts/bootstrap.sh; echo "$lo_hash") | sha256sum | cut -c1-16)"
 
 if [ ! -x "$venv/bin/python" ]; then
   echo "[bootstrap] creating virtualenv in $venv"
   "$python" -m venv "$venv"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "[bootstrap] installing dependencies (once; about a minute)"
+  echo "[bootstrap] installing dependencies and learned_optimization $variant (once; about a minute)"
   "$venv/bin/python" -m pip install -q --upgrade pip
   "$venv/bin/python" -m pip install -q -e ".[test]"
-  "$venv/bin/python" -m pip install -q --no-deps "learned-optimization==0.0.1"
+  "$venv/bin/python" -m pip install -q --no-deps --force-reinstall "$lo_spec"
+  "$venv/bin/python" -m pathology_fix_startup
   echo "$want" > "$stamp"
 fi
 

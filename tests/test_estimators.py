@@ -12,6 +12,7 @@ from learned_optimization.outer_trainers import truncated_grad
 from learned_optimization.outer_trainers import truncation_schedule
 from learned_optimization.tasks import quadratics
 from pathology_fix import estimators
+from pathology_fix import lo_api
 from pathology_fix import schedules
 from pathology_fix import variational_lopt
 
@@ -292,9 +293,9 @@ def test_truncated_grad_on_variational_lopt_matches_variational_rp():
   weights = fx.worker_weights(theta)
   wrapped = variational_lopt.VariationalLearnedOptimizer(
       lopt_base.LearnableSGDM(), sigma=SIGMA)
-  lo_estimator = truncated_grad.TruncatedGrad(
-      fx.fixed_quadratic_family(), wrapped,
-      truncation_schedule.ConstantTruncationSchedule(STEPS),
+  lo_estimator = lo_api.build_lo_estimator(
+      truncated_grad.TruncatedGrad, fx.fixed_quadratic_family(), wrapped,
+      trunc_sched=truncation_schedule.ConstantTruncationSchedule(STEPS),
       num_tasks=64, unroll_length=STEPS, steps_per_jit=5)
   lo_draws = []
   for i in range(40):

@@ -7,10 +7,10 @@ import pytest
 
 import jax
 import cli_utils
-from learned_optimization import outer_train
 from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.outer_trainers import truncated_pes
 from pathology_fix import estimators
+from pathology_fix import lo_api
 from pathology_fix import schedules
 
 CONFIGS = sorted((cli_utils.REPO / "gin_configs").glob("*.gin"))
@@ -35,9 +35,8 @@ def _build(config: pathlib.Path, count=1):
   gin.add_config_file_search_path(str(config.parent))
   try:
     gin.parse_config_files_and_bindings([str(config)], [])
-    return outer_train.build_gradient_estimators(
-        learned_opt=mlp_lopt.MLPLOpt(), key=jax.random.PRNGKey(0),
-        num_gradient_estimators=count)
+    return lo_api.build_gradient_estimators(
+        None, mlp_lopt.MLPLOpt(), jax.random.PRNGKey(0), count)
   finally:
     gin.clear_config()
 

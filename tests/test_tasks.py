@@ -228,10 +228,11 @@ def test_family_tasks_vmap_like_lo():
   assert cfgs.shape == (n, 3) and cfgs.dtype == jnp.int32
   np.testing.assert_array_equal(cfgs, np.tile(family.classes, (n, 1)))
 
-  # Data as LO's truncated estimators fetch it: one batch per task.
-  batch = training.get_batch(family, n, numpy=True)
-  assert batch["image"].shape == (n, 16, 14, 14, 1)
-  train, meta = training.get_batch(family, n, train_and_meta=True, numpy=True)
+  # Data as LO's truncated estimators fetch it: one batch per task
+  # (vec_get_batch takes the same keywords on LO 0.0.1 and main).
+  train = training.vec_get_batch(family, n, split="train", numpy=True)
+  assert train["image"].shape == (n, 16, 14, 14, 1)
+  meta = training.vec_get_batch(family, n, split="outer_valid", numpy=True)
   assert meta["label"].shape == (n, 16) and meta["label"].max() < 3
 
   def loss(p, cfg, s, key, b):
