@@ -45,6 +45,8 @@ from learned_optimization.outer_trainers import gradient_learner
 import numpy as onp
 import tqdm
 
+from pathology_fix import outer_loop
+
 CHECKPOINT_PREFIX = "checkpoint_"
 PARAMS_PREFIX = "params_"
 METRICS_FILE = "metrics.jsonl"
@@ -408,24 +410,15 @@ def local_train(
 
     while step < num_steps:
       with_metrics = bool(summary_every_n) and step % summary_every_n == 0
-      worker_key, learner_key, resample_key = jax.random.split(
-          jax.random.fold_in(base_key, step), 3)
-      worker_weights = outer_learner.get_state_for_worker(gradient_learner_state)
-
-      worker_out = gradient_learner.gradient_worker_compute(
-          worker_weights, gradient_estimators, unroll_states, worker_key,
-          with_metrics)
-      unroll_states = worker_out.unroll_states
-      # One gradient from one worker per update: nothing to aggregate.
-      next_state, learner_metrics = outer_learner.update(
-          gradient_learner_state, [worker_out.to_put],
-          with_metrics=with_metrics, key=learner_key)
-      gradient_estimators, unroll_states = (
-          outer_train.maybe_resample_gradient_estimators(
-              lopt, gradient_estimators, unroll_states,
-              worker_weights=worker_weights, key=resample_key,
-              stochastic_resample_frequency=stochastic_resample_frequency))
-      next_step = int(next_state.theta_opt_state.iteration)
+      out = outer_loop.outer_step(
+          outer_learner, gradient_estimators, unroll_states,
+          gradient_learner_state, outer_loop.step_keys(base_key, step),
+          with_metrics=with_metrics, lopt=lopt,
+          stochastic_resample_frequency=stochastic_resample_frequency)
+      worker_out, learner_metrics = out.worker_out, out.learner_metrics
+      gradient_estimators, unroll_states = (out.gradient_estimators,
+                                            out.unroll_states)
+      next_state, next_step = out.learner_state, out.step
 
       now = time.time()
       delta_time = max(now - step_start, 1e-9)
