@@ -27,8 +27,8 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from experiments import common
-from experiments.e1_chaos_toy import roughness
+from experiments.lib import common
+from experiments.lib.roughness import roughness
 from learned_optimization.learned_optimizers import mlp_lopt
 from pathology_fix import data
 from pathology_fix import tasks

@@ -26,14 +26,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm import tqdm
 
-from experiments import common
+from experiments.lib import common
 from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.outer_trainers import gradient_learner
 from learned_optimization.outer_trainers import truncation_schedule
 from pathology_fix import estimators
+from pathology_fix import outer_loop
 from pathology_fix import tasks
 
 NAME = "e4_variance"
@@ -70,26 +70,23 @@ def scale_output_layer(theta, factor):
   return out
 
 
-def train_theta(estimator, theta, num_steps, seed):
-  """num_steps HybridRPES outer steps; returns theta and the meta-losses."""
-  opt = optax.chain(optax.clip(0.1), optax.adam(OUTER_LR, b1=0.5))
-  opt_state = opt.init(theta)
-  weights = gradient_learner.WorkerWeights(
-      theta=theta, theta_model_state=None,
-      outer_state=gradient_learner.OuterState(0))
-  state = estimator.init_worker_state(weights, jax.random.PRNGKey(seed + 10))
+def train_theta(estimator, lopt, num_steps, seed):
+  """num_steps HybridRPES outer steps from lopt.init(PRNGKey(seed)).
+
+  The library loop with the paper's outer optimizer at OUTER_LR. Returns
+  theta and the meta-losses.
+  """
+  learner = outer_loop.learner(
+      lopt, outer_loop.paper_outer_optimizer(OUTER_LR))
+  state = learner.init(jax.random.PRNGKey(seed))
   losses = []
-  for step in tqdm(range(num_steps), desc="HybridRPES outer steps"):
-    weights = gradient_learner.WorkerWeights(
-        theta=theta, theta_model_state=None,
-        outer_state=gradient_learner.OuterState(step))
-    out, _ = estimator.compute_gradient_estimate(
-        weights, jax.random.PRNGKey(seed * 7919 + step), state)
-    state = out.unroll_state
-    updates, opt_state = opt.update(out.grad, opt_state)
-    theta = optax.apply_updates(theta, updates)
-    losses.append(float(out.mean_loss))
-  return theta, losses
+  steps = outer_loop.run(learner, [estimator], state, num_steps,
+                         jax.random.PRNGKey(seed * 7919),
+                         unroll_key=jax.random.PRNGKey(seed + 10))
+  for out in tqdm(steps, total=num_steps, desc="HybridRPES outer steps"):
+    state = out.learner_state
+    losses.append(out.mean_loss)
+  return outer_loop.theta(learner, state), losses
 
 
 def measure(estimator, theta, start_state, lengths, num_draws, seed, label):
@@ -166,8 +163,8 @@ def main(argv=None):
       # (loss before the update) an L = 1 unroll does not depend on theta.
       meta_loss_split="outer_valid", meta_loss_evals=1)
   theta_init = lopt.init(jax.random.PRNGKey(args.seed))
-  theta_trained, train_losses = train_theta(estimator, theta_init,
-                                            train_steps, args.seed)
+  theta_trained, train_losses = train_theta(estimator, lopt, train_steps,
+                                            args.seed)
   start_state = estimator.unroller.init_state(
       theta_init, gradient_learner.OuterState(0),
       jax.random.PRNGKey(args.seed + 1))

@@ -1,4 +1,4 @@
-"""The outer-training loop: the one used by the CLI, the experiments, the benchmarks.
+"""The outer-training loop: one for the CLI, experiments and benchmarks.
 
 One outer step, as LO's single-process `outer_train.local_train` does it:
 
