@@ -174,6 +174,39 @@ def outer_train(estimator, lopt, truncation, total_steps, outer_steps, seed):
   return {"log_lr": log_lrs, "run_avg_loss": run_losses, "grad": grads}
 
 
+def _plot(out_dir, runs, total, lrs, avg_loss, final_loss, best_avg,
+          best_final, tail, num_seeds):
+  """learning_rate_trajectories.png: learned lr per K; the grid search."""
+  plt = common.pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+  ax = axes[0]
+  for idx, (k, run) in enumerate(runs.items()):  # colours match the right panel
+    ax.plot(np.exp(run["log_lr"]), "-o", ms=3, color=f"C{idx + 2}",
+            label=f"K = {k}" + (" (full run)" if k == total else ""))
+  ax.axhline(best_avg, color="k", ls="--", lw=1,
+             label=f"grid optimum (avg loss) {best_avg:.2g}")
+  ax.axhline(best_final, color="gray", ls=":", lw=1,
+             label=f"grid optimum (final loss) {best_final:.2g}")
+  ax.set_yscale("log")
+  ax.set_xlabel("outer step (one inner run of N steps each)")
+  ax.set_ylabel("Adam learning rate")
+  ax.set_title(f"E3: learned lr, truncated backprop, N = {total}", fontsize=9)
+  ax.legend(fontsize=7)
+  ax = axes[1]
+  ax.plot(lrs, avg_loss, "-o", ms=3, label="average training loss")
+  ax.plot(lrs, final_loss, "-s", ms=3, label=f"final loss (last {tail})")
+  for k, run in runs.items():
+    ax.axvline(np.exp(np.mean(run["log_lr"][-5:])), lw=1, ls="-.",
+               color=f"C{list(runs).index(k) + 2}",
+               label=f"settled lr, K = {k}")
+  ax.set_xscale("log")
+  ax.set_xlabel("Adam learning rate")
+  ax.set_ylabel("training loss")
+  ax.set_title(f"grid search ({num_seeds} inits)", fontsize=9)
+  ax.legend(fontsize=7)
+  common.save_figure(fig, out_dir, "learning_rate_trajectories.png")
+
+
 def main(argv=None):
   args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
   out_dir = common.results_dir(NAME, args.out)
@@ -204,34 +237,8 @@ def main(argv=None):
   runs = {k: outer_train(estimator, lopt, k, total, outer_steps, args.seed)
           for k in truncations}
 
-  plt = common.pyplot()
-  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-  ax = axes[0]
-  for idx, (k, run) in enumerate(runs.items()):  # colours match the right panel
-    ax.plot(np.exp(run["log_lr"]), "-o", ms=3, color=f"C{idx + 2}",
-            label=f"K = {k}" + (" (full run)" if k == total else ""))
-  ax.axhline(best_avg, color="k", ls="--", lw=1,
-             label=f"grid optimum (avg loss) {best_avg:.2g}")
-  ax.axhline(best_final, color="gray", ls=":", lw=1,
-             label=f"grid optimum (final loss) {best_final:.2g}")
-  ax.set_yscale("log")
-  ax.set_xlabel("outer step (one inner run of N steps each)")
-  ax.set_ylabel("Adam learning rate")
-  ax.set_title(f"E3: learned lr, truncated backprop, N = {total}", fontsize=9)
-  ax.legend(fontsize=7)
-  ax = axes[1]
-  ax.plot(lrs, avg_loss, "-o", ms=3, label="average training loss")
-  ax.plot(lrs, final_loss, "-s", ms=3, label=f"final loss (last {tail})")
-  for k, run in runs.items():
-    ax.axvline(np.exp(np.mean(run["log_lr"][-5:])), lw=1, ls="-.",
-               color=f"C{list(runs).index(k) + 2}",
-               label=f"settled lr, K = {k}")
-  ax.set_xscale("log")
-  ax.set_xlabel("Adam learning rate")
-  ax.set_ylabel("training loss")
-  ax.set_title(f"grid search ({num_seeds} inits)", fontsize=9)
-  ax.legend(fontsize=7)
-  common.save_figure(fig, out_dir, "learning_rate_trajectories.png")
+  _plot(out_dir, runs, total, lrs, avg_loss, final_loss, best_avg,
+        best_final, tail, num_seeds)
 
   start_lr = float(np.exp(runs[truncations[0]]["log_lr"][0]))
   final = {str(k): float(np.exp(r["log_lr"][-1])) for k, r in runs.items()}

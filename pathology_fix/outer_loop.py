@@ -37,6 +37,23 @@ PRNGKey = jnp.ndarray
 PAPER_OUTER_LEARNING_RATE = {"train": 3e-3, "outer_valid": 3e-4}
 PAPER_OUTER_BETA1 = 0.5
 PAPER_OUTER_GRAD_CLIP = 0.1
+# What configs bound before paper_outer_optimizer existed; it sets these
+# itself, so a leftover binding would silently do nothing.
+_REPLACED_BINDINGS = ("Adam.learning_rate", "Adam.beta1",
+                      "GradientClipOptimizer.grad_clip",
+                      "GradientClipOptimizer.opt")
+
+
+def _reject_replaced_bindings():
+  for name in _REPLACED_BINDINGS:
+    try:
+      value = gin.query_parameter(name)
+    except ValueError:
+      continue  # not bound
+    raise ValueError(
+        f"{name} = {value!r} is bound, but the outer optimizer is "
+        "paper_outer_optimizer, which sets it (beta1 0.5, clip 0.1); bind "
+        "paper_outer_optimizer.learning_rate instead")
 
 
 @gin.configurable
@@ -56,7 +73,12 @@ def paper_outer_optimizer(learning_rate: Optional[float] = None,
 
   Returns:
     LO's GradientClipOptimizer(Adam), the `GradientLearner.theta_opt`.
+
+  Raises:
+    ValueError: a bad learning_rate or meta_loss_split, or a gin binding
+      this function overrides (e.g. `Adam.learning_rate`).
   """
+  _reject_replaced_bindings()
   if learning_rate is None:
     if meta_loss_split not in PAPER_OUTER_LEARNING_RATE:
       raise ValueError(
