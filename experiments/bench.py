@@ -122,7 +122,7 @@ def _error_rows(group, error):
                estimator=name, error=error) for name in group["estimators"]]
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--quick", action="store_true",
                  help="CPU preset, < 5 min on 2 cores (= --preset quick)")
@@ -152,7 +152,11 @@ def main(argv=None):
                  "for a fresh one deleted at exit, 'none' to disable")
   p.add_argument("--out", default=None,
                  help="write FILE.md and FILE.json (extension stripped)")
-  args = p.parse_args(argv)
+  return p
+
+
+def main(argv=None):
+  args = _parser().parse_args(argv)
   if args.preset is None:
     args.preset = "quick" if args.quick else "full"
 

@@ -94,32 +94,8 @@ def sweep(grid, lr, lengths):
   return out
 
 
-def main(argv=None):
-  args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
-  jax.config.update("jax_enable_x64", True)  # long unrolls: keep round-off out
-  out_dir = common.results_dir(NAME, args.out)
-  start = time.time()
-  if args.quick:
-    lengths, num_points = (10, 100, 1000), 800
-  else:
-    lengths, num_points = (10, 30, 100, 300, 1000, 3000, 10000), 4000
-  grid = jnp.asarray(np.logspace(-2, 0, num_points))
-
-  per_lr = {}
-  for lr in tqdm(LR_GRID, desc="learning-rate grid"):
-    res = sweep(grid, lr, lengths)
-    per_lr[lr] = {
-        t: dict(roughness(y, JUMP_THRESHOLD), discontinuities=n_disc,
-                **_grad_stats(g))
-        for t, (y, g, n_disc) in res.items()
-    }
-    per_lr[lr]["_curves"] = res
-  stable = [lr for lr in LR_GRID
-            if all(per_lr[lr][t]["nonfinite"] == 0 for t in lengths)]
-  lr = max(stable) if stable else min(LR_GRID)
-  curves = per_lr[lr]["_curves"]
-  metrics = {t: per_lr[lr][t] for t in lengths}
-
+def _plot(out_dir, grid, curves, per_lr, stable, lr, lengths):
+  """final_loss_vs_momentum.png (lr shown) and roughness_vs_T.png (all lrs)."""
   plt = common.pyplot()
   fig, axes = plt.subplots(len(lengths), 1, figsize=(6, 1.5 * len(lengths) + 0.6),
                            sharex=True)
@@ -147,6 +123,35 @@ def main(argv=None):
     ax.set_title(key.replace("_", " "), fontsize=9)
   axes[0].legend(fontsize=7)
   common.save_figure(fig, out_dir, "roughness_vs_T.png")
+
+
+def main(argv=None):
+  args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+  jax.config.update("jax_enable_x64", True)  # long unrolls: keep round-off out
+  out_dir = common.results_dir(NAME, args.out)
+  start = time.time()
+  if args.quick:
+    lengths, num_points = (10, 100, 1000), 800
+  else:
+    lengths, num_points = (10, 30, 100, 300, 1000, 3000, 10000), 4000
+  grid = jnp.asarray(np.logspace(-2, 0, num_points))
+
+  per_lr = {}
+  for lr in tqdm(LR_GRID, desc="learning-rate grid"):
+    res = sweep(grid, lr, lengths)
+    per_lr[lr] = {
+        t: dict(roughness(y, JUMP_THRESHOLD), discontinuities=n_disc,
+                **_grad_stats(g))
+        for t, (y, g, n_disc) in res.items()
+    }
+    per_lr[lr]["_curves"] = res
+  stable = [lr for lr in LR_GRID
+            if all(per_lr[lr][t]["nonfinite"] == 0 for t in lengths)]
+  lr = max(stable) if stable else min(LR_GRID)
+  curves = per_lr[lr]["_curves"]
+  metrics = {t: per_lr[lr][t] for t in lengths}
+
+  _plot(out_dir, grid, curves, per_lr, stable, lr, lengths)
 
   first, last = lengths[0], lengths[-1]
   disc = [metrics[t]["discontinuities"] for t in lengths]
