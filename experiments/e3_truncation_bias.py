@@ -127,7 +127,6 @@ class RunAverageGradient:
                                 with_summary=False):
     del key, with_summary
     step = int(worker_weights.outer_state.outer_iteration)
-    weight = self.truncation / self.total_steps
     grad, run_loss = 0.0, 0.0
     for j in range(self.total_steps // self.truncation):
       key = jax.random.PRNGKey(
@@ -135,8 +134,9 @@ class RunAverageGradient:
       out, _ = self.estimator.compute_gradient_estimate(worker_weights, key,
                                                         state)
       state = out.unroll_state
-      grad += float(out.grad["log_lr"]) * weight
-      run_loss += float(out.mean_loss) * weight
+      # Weight K / N: the sum estimates d(run-average loss) / d log_lr.
+      grad += float(out.grad["log_lr"]) * self.truncation / self.total_steps
+      run_loss += float(out.mean_loss) * self.truncation / self.total_steps
     theta = worker_weights.theta
     full = dict(jax.tree_util.tree_map(jnp.zeros_like, theta),
                 log_lr=jnp.asarray(grad, jnp.float32))
