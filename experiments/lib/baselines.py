@@ -7,6 +7,7 @@ at 11 learning rates log-spaced 1e-4 .. 10, tuned per task.
 import numpy as np
 import optax
 
+import pathology_fix  # noqa: F401  (compat layer before any LO import)
 from learned_optimization.optimizers import base as opt_base
 
 LRS = tuple(float(x) for x in np.logspace(-4, 1, 11))

@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import jax
 from tqdm import tqdm
 
+import pathology_fix  # noqa: F401  (compat layer before any LO import)
 from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.outer_trainers import truncation_schedule
 from learned_optimization.tasks.datasets import base as datasets_base
