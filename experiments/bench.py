@@ -3,9 +3,10 @@ r"""Outer-step cost of HybridRPES against LO's truncated estimators.
   python -m experiments.bench [--quick] [--samples 8,16,...] [--out FILE]
   python -m experiments.bench --preset gpu --out bench_gpu.md   (one H100)
 
-For every (task, truncation length k, n samples) it times one outer step of
-the library loop (`pathology_fix.outer_loop.outer_step`: the estimate, then
-the paper's outer update of theta; blocked on both) with
+For every (task, truncation length k, n samples) it runs outer steps of the
+library loop (`pathology_fix.outer_loop.outer_step`: the estimate, then the
+paper's outer update of theta) and times the estimate within each
+(`compute_gradient_estimate`, blocked on the gradient) of
 
   HybridRPES (remat)   n antithetic pairs = 2n unrolls, reverse pass recomputes
                        each chunk (rematerialize=True)

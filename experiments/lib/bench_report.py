@@ -152,9 +152,11 @@ def markdown(results: List[Dict[str, Any]], args_summary: str,
               MEMORY_NOTE_CPU)
   lines += [
       "Notes:",
-      "- Outer step: one `outer_loop.outer_step` (the estimate, then the "
-      "paper's outer update of theta), blocked on the new theta and inner "
-      "states; median of the timed repeats after the warm-up steps "
+      "- Outer step: the estimator's `compute_gradient_estimate` inside one "
+      "library outer step (`outer_loop.outer_step`, which then applies the "
+      "paper's outer update; the whole step's median is "
+      "outer_step_median_s in the JSON), blocked on the gradient and next "
+      "state; median of the timed repeats after the warm-up steps "
       "(LO's TruncatedGrad compiles again on its 2nd step). The estimators "
       "of one (task, k, n) run in one process and their timed steps are "
       "interleaved (one step each per round, rotating order), so load "

@@ -176,9 +176,31 @@ def _family(cfg):
   return cnn_family(cfg["cnn_image_size"], cfg["cnn_batch_size"])
 
 
+class _Clocked:
+  """An estimator whose `compute_gradient_estimate` is timed, blocked on its
+  gradient and next state (what the tables compare); delegates the rest."""
+
+  def __init__(self, estimator):
+    self.estimator = estimator
+    self.task_family = estimator.task_family
+    self.seconds = None
+
+  def init_worker_state(self, worker_weights, key):
+    return self.estimator.init_worker_state(worker_weights, key)
+
+  def compute_gradient_estimate(self, *args, **kwargs):
+    import jax  # pylint: disable=g-import-not-at-top
+    t = time.perf_counter()
+    out, metrics = self.estimator.compute_gradient_estimate(*args, **kwargs)
+    jax.block_until_ready((out.grad, out.unroll_state))
+    self.seconds = time.perf_counter() - t
+    return out, metrics
+
+
 class _Runner:
   """One estimator, its inner problems and its own theta; `step` runs one
-  outer step of the library loop (paper's outer optimizer)."""
+  outer step of the library loop (paper's outer optimizer) and returns the
+  estimator's share of it. `outer_step_seconds` lists whole steps."""
 
   def __init__(self, name, cfg, family, lopt):
     import jax  # pylint: disable=g-import-not-at-top
@@ -188,12 +210,14 @@ class _Runner:
     self.est = make_estimator(name, family, lopt, cfg["n"], cfg["k"],
                               total=cfg["k"] * (steps + 2) + cfg["spj"],
                               spj=cfg["spj"])
+    self.clocked = _Clocked(self.est)
     self.learner = outer_loop.learner(lopt)
     self.learner_state = self.learner.init(jax.random.PRNGKey(0))
     self.states = [self.est.init_worker_state(self.weights,
                                               jax.random.PRNGKey(1))]
     jax.block_until_ready(self.states)
     self.calls = 0
+    self.outer_step_seconds = []
 
   @property
   def weights(self):
@@ -208,12 +232,13 @@ class _Runner:
     from pathology_fix import outer_loop  # pylint: disable=g-import-not-at-top
     t = time.perf_counter()
     out = outer_loop.outer_step(
-        self.learner, [self.est], self.states, self.learner_state,
+        self.learner, [self.clocked], self.states, self.learner_state,
         outer_loop.step_keys(jax.random.PRNGKey(0), self.calls))
     jax.block_until_ready((out.learner_state, out.unroll_states))
+    self.outer_step_seconds.append(time.perf_counter() - t)
     self.learner_state, self.states = out.learner_state, out.unroll_states
     self.calls += 1
-    return time.perf_counter() - t
+    return self.clocked.seconds
 
 
 def _setup(cfg):
@@ -273,7 +298,11 @@ def run_group(cfg: Dict[str, Any]) -> List[Dict[str, Any]]:
         device=str(device.device_kind), platform=device.platform,
         unrolls=2 * cfg["n"], warmup_s=warm[r.name], times_s=times[r.name],
         median_s=median, inner_steps_per_s=2 * cfg["n"] * cfg["k"] / median,
-        compiles_during_timing=compiles[r.name])
+        compiles_during_timing=compiles[r.name],
+        # The whole library outer step (estimate + outer update + LO's
+        # bookkeeping), over the timed repeats.
+        outer_step_median_s=statistics.median(
+            r.outer_step_seconds[cfg["warmup"]:cfg["warmup"] + cfg["repeats"]]))
     if r.name in HYBRID:
       res.update(_hybrid_breakdown(r.est, r.weights, r.state, cfg["k"],
                                    cfg["repeats"]))
