@@ -2,7 +2,8 @@
 
   python -m experiments.bench_data [--quick] [--out DIR]
 
-Real outer steps (validation meta-objective, MLPLOpt) on the offline
+Real outer steps of the library loop (`pathology_fix.outer_loop`;
+validation meta-objective, MLPLOpt) on the offline
 Fashion-MNIST tasks; the time inside the unroller's batch fetching (drawing
 train and outer_valid batches from the numpy iterators and stacking them per
 chunk) is clocked within those same steps, so the share needs no second run.
@@ -13,11 +14,11 @@ import time
 
 import jax
 
-from experiments import common
+from experiments.lib import common
 from learned_optimization.learned_optimizers import mlp_lopt
-from learned_optimization.outer_trainers import gradient_learner
 from learned_optimization.outer_trainers import truncation_schedule
 from pathology_fix import estimators
+from pathology_fix import outer_loop
 from pathology_fix import tasks
 
 NAME = "bench_data"
@@ -54,22 +55,22 @@ def measure(architecture, image_size, batch_size, n, k, evals, steps, seed):
       truncation_schedule.ConstantTruncationSchedule(k * (steps + 2)),
       num_tasks=n, unroll_length=k, steps_per_jit=10,
       meta_loss_split="outer_valid", meta_loss_evals=evals)
-  weights = gradient_learner.WorkerWeights(
-      theta=lopt.init(jax.random.PRNGKey(seed)), theta_model_state=None,
-      outer_state=gradient_learner.OuterState(0))
-  state = estimator.init_worker_state(weights, jax.random.PRNGKey(seed + 1))
-  data = _Clocked(estimator.unroller.problems.chunk_data)  # pylint: disable=protected-access
-  estimator.unroller.problems.chunk_data = data  # pylint: disable=protected-access
+  learner = outer_loop.learner(lopt)
+  state = learner.init(jax.random.PRNGKey(seed))
+  # Clocks the inner problems' public data function inside real steps
+  # (wrapped, not changed: it still runs as before).
+  data = _Clocked(estimator.unroller.problems.chunk_data)
+  estimator.unroller.problems.chunk_data = data
   total = 0.0
-  for step in range(steps + 1):
-    if step == 1:  # step 0 compiles
+  start = time.perf_counter()
+  for out in outer_loop.run(learner, [estimator], state, steps + 1,
+                            jax.random.PRNGKey(seed),
+                            unroll_key=jax.random.PRNGKey(seed + 1)):
+    jax.block_until_ready((out.learner_state, out.unroll_states))
+    total += time.perf_counter() - start
+    if out.step == 1:  # step 0 compiles
       data.seconds, data.calls, total = 0.0, 0, 0.0
     start = time.perf_counter()
-    out, _ = estimator.compute_gradient_estimate(
-        weights, jax.random.PRNGKey(step), state)
-    jax.block_until_ready((out.grad, out.unroll_state))
-    total += time.perf_counter() - start
-    state = out.unroll_state
   return {"task": f"{architecture} {image_size}px b{batch_size}", "n": n,
           "k": k, "meta_loss_evals": evals, "steps": steps,
           "step_s": total / steps, "data_s": data.seconds / steps,

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from experiments import common
+from experiments.lib import common
+from experiments.lib.roughness import roughness
 
 NAME = "e1_chaos_toy"
 W0 = -1.2
@@ -47,38 +48,6 @@ def final_loss(one_minus_mu, lr, num_steps):
   start = (jnp.asarray(W0, one_minus_mu.dtype), jnp.zeros_like(one_minus_mu))
   (w, _), _ = jax.lax.scan(step, start, None, length=num_steps)
   return toy_loss(w)
-
-
-def roughness(y, jump_threshold=None, rel_tol=1e-6):
-  """How rough a 1-D curve sampled on a grid is.
-
-  Returns dict with
-    total_variation: sum |y[i+1] - y[i]|;
-    tv_over_range: that divided by max - min (1 for monotone, 2 for a valley);
-    slope_sign_changes: sign changes of the finite-difference slope, ignoring
-      steps smaller than rel_tol * range (flat plateaus hold round-off only);
-    jumps: steps larger than jump_threshold (default 10% of the range);
-    nonfinite: points that were inf/NaN (dropped before all of the above).
-  """
-  y = np.asarray(y, np.float64)
-  finite = np.isfinite(y)
-  y = y[finite]
-  if y.size < 2:
-    return {"total_variation": 0.0, "tv_over_range": 0.0,
-            "slope_sign_changes": 0, "jumps": 0,
-            "nonfinite": int((~finite).sum())}
-  d = np.diff(y)
-  span = float(np.ptp(y))
-  tv = float(np.abs(d).sum())
-  s = np.sign(d[np.abs(d) > rel_tol * span]) if span > 0 else np.zeros([0])
-  threshold = 0.1 * span if jump_threshold is None else jump_threshold
-  return {
-      "total_variation": tv,
-      "tv_over_range": tv / span if span > 0 else 0.0,
-      "slope_sign_changes": int(np.sum(s[1:] != s[:-1])),
-      "jumps": int(np.sum(np.abs(d) > threshold)) if span > 0 else 0,
-      "nonfinite": int((~finite).sum()),
-  }
 
 
 def _grad_stats(g):
@@ -125,32 +94,8 @@ def sweep(grid, lr, lengths):
   return out
 
 
-def main(argv=None):
-  args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
-  jax.config.update("jax_enable_x64", True)  # long unrolls: keep round-off out
-  out_dir = common.results_dir(NAME, args.out)
-  start = time.time()
-  if args.quick:
-    lengths, num_points = (10, 100, 1000), 800
-  else:
-    lengths, num_points = (10, 30, 100, 300, 1000, 3000, 10000), 4000
-  grid = jnp.asarray(np.logspace(-2, 0, num_points))
-
-  per_lr = {}
-  for lr in tqdm(LR_GRID, desc="learning-rate grid"):
-    res = sweep(grid, lr, lengths)
-    per_lr[lr] = {
-        t: dict(roughness(y, JUMP_THRESHOLD), discontinuities=n_disc,
-                **_grad_stats(g))
-        for t, (y, g, n_disc) in res.items()
-    }
-    per_lr[lr]["_curves"] = res
-  stable = [lr for lr in LR_GRID
-            if all(per_lr[lr][t]["nonfinite"] == 0 for t in lengths)]
-  lr = max(stable) if stable else min(LR_GRID)
-  curves = per_lr[lr]["_curves"]
-  metrics = {t: per_lr[lr][t] for t in lengths}
-
+def _plot(out_dir, grid, curves, per_lr, stable, lr, lengths):
+  """final_loss_vs_momentum.png (lr shown) and roughness_vs_T.png (all lrs)."""
   plt = common.pyplot()
   fig, axes = plt.subplots(len(lengths), 1, figsize=(6, 1.5 * len(lengths) + 0.6),
                            sharex=True)
@@ -178,6 +123,35 @@ def main(argv=None):
     ax.set_title(key.replace("_", " "), fontsize=9)
   axes[0].legend(fontsize=7)
   common.save_figure(fig, out_dir, "roughness_vs_T.png")
+
+
+def main(argv=None):
+  args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+  jax.config.update("jax_enable_x64", True)  # long unrolls: keep round-off out
+  out_dir = common.results_dir(NAME, args.out)
+  start = time.time()
+  if args.quick:
+    lengths, num_points = (10, 100, 1000), 800
+  else:
+    lengths, num_points = (10, 30, 100, 300, 1000, 3000, 10000), 4000
+  grid = jnp.asarray(np.logspace(-2, 0, num_points))
+
+  per_lr = {}
+  for lr in tqdm(LR_GRID, desc="learning-rate grid"):
+    res = sweep(grid, lr, lengths)
+    per_lr[lr] = {
+        t: dict(roughness(y, JUMP_THRESHOLD), discontinuities=n_disc,
+                **_grad_stats(g))
+        for t, (y, g, n_disc) in res.items()
+    }
+    per_lr[lr]["_curves"] = res
+  stable = [lr for lr in LR_GRID
+            if all(per_lr[lr][t]["nonfinite"] == 0 for t in lengths)]
+  lr = max(stable) if stable else min(LR_GRID)
+  curves = per_lr[lr]["_curves"]
+  metrics = {t: per_lr[lr][t] for t in lengths}
+
+  _plot(out_dir, grid, curves, per_lr, stable, lr, lengths)
 
   first, last = lengths[0], lengths[-1]
   disc = [metrics[t]["discontinuities"] for t in lengths]

@@ -27,8 +27,8 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from experiments import common
-from experiments.e1_chaos_toy import roughness
+from experiments.lib import common
+from experiments.lib.roughness import roughness
 from learned_optimization.learned_optimizers import mlp_lopt
 from pathology_fix import data
 from pathology_fix import tasks
@@ -94,6 +94,40 @@ def train_center(weighted, flat0, num_steps):
   return flat, curve
 
 
+def _plot(out_dir, centers, slices, metrics):
+  """slices.png (the meta-loss along each direction) and roughness_vs_T.png."""
+  plt = common.pyplot()
+  fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+  colors = dict(zip(LENGTHS, ["C0", "C1", "C2", "C3"]))
+  for i, center in enumerate(centers):
+    for j, name in enumerate(RANGES):
+      ax = axes[i, j]
+      for t in LENGTHS:
+        alphas, y = slices[(center, name, t)]
+        ax.plot(alphas, y, lw=0.7, color=colors[t], label=f"T={t}")
+      ax.set_title(f"theta = {center}, {name} direction", fontsize=9)
+      ax.set_xlabel("step size alpha along unit direction")
+      ax.set_ylabel("meta-loss (mean train loss)")
+  axes[0, 0].legend(fontsize=7)
+  common.save_figure(fig, out_dir, "slices.png")
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.3))
+  for ax, key in zip(axes, ("total_variation", "slope_sign_changes")):
+    for center in centers:
+      for name in RANGES:
+        vals = [metrics[center][name][str(t)][key] for t in LENGTHS]
+        ax.plot(LENGTHS, vals, "-o", ms=3, label=f"{center}, {name}")
+    ax.set_xscale("log")
+    ax.set_xticks(LENGTHS, [str(t) for t in LENGTHS])
+    ax.minorticks_off()
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("unroll length T")
+    ax.set_title(key.replace("_", " "), fontsize=9)
+  axes[0].legend(fontsize=7)
+  common.save_figure(fig, out_dir, "roughness_vs_T.png")
+
+
 def main(argv=None):
   args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
   out_dir = common.results_dir(NAME, args.out)
@@ -137,36 +171,7 @@ def main(argv=None):
       slices[(center, name, t)] = (np.asarray(alphas[name]), y)
       metrics.setdefault(center, {}).setdefault(name, {})[str(t)] = r
 
-  plt = common.pyplot()
-  fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
-  colors = dict(zip(LENGTHS, ["C0", "C1", "C2", "C3"]))
-  for i, center in enumerate(centers):
-    for j, name in enumerate(RANGES):
-      ax = axes[i, j]
-      for t in LENGTHS:
-        alphas, y = slices[(center, name, t)]
-        ax.plot(alphas, y, lw=0.7, color=colors[t], label=f"T={t}")
-      ax.set_title(f"theta = {center}, {name} direction", fontsize=9)
-      ax.set_xlabel("step size alpha along unit direction")
-      ax.set_ylabel("meta-loss (mean train loss)")
-  axes[0, 0].legend(fontsize=7)
-  common.save_figure(fig, out_dir, "slices.png")
-
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.3))
-  for ax, key in zip(axes, ("total_variation", "slope_sign_changes")):
-    for center in centers:
-      for name in RANGES:
-        vals = [metrics[center][name][str(t)][key] for t in LENGTHS]
-        ax.plot(LENGTHS, vals, "-o", ms=3, label=f"{center}, {name}")
-    ax.set_xscale("log")
-    ax.set_xticks(LENGTHS, [str(t) for t in LENGTHS])
-    ax.minorticks_off()
-    ax.set_yscale("symlog", linthresh=1)
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel("unroll length T")
-    ax.set_title(key.replace("_", " "), fontsize=9)
-  axes[0].legend(fontsize=7)
-  common.save_figure(fig, out_dir, "roughness_vs_T.png")
+  _plot(out_dir, centers, slices, metrics)
 
   def trend(center, name, key):
     vals = [metrics[center][name][str(t)][key] for t in LENGTHS]

@@ -28,11 +28,13 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from experiments import common
+from experiments.lib import common
 from learned_optimization.learned_optimizers import base as lopt_base
+from learned_optimization.optimizers import base as opt_base
 from learned_optimization.outer_trainers import gradient_learner
 from learned_optimization.outer_trainers import truncation_schedule
 from pathology_fix import estimators
+from pathology_fix import outer_loop
 from pathology_fix import schedules
 from pathology_fix import tasks
 
@@ -101,43 +103,108 @@ def parabola_vertex(log_x, y):
   return float(np.clip(-b / (2 * a), log_x[i - 1], log_x[i + 1]))
 
 
+class RunAverageGradient:
+  """A gradient estimator: one whole inner run as N / K truncations.
+
+  Each truncation's gradient of its mean loss (nothing flowing back across
+  truncation boundaries) is weighted K / N and summed, so K = N is the exact
+  gradient of the run's average loss. Only log_lr gets a gradient (betas and
+  epsilon are frozen). Keys come from (seed, K, outer step, truncation), so
+  the outer loop's key is not used.
+  """
+
+  def __init__(self, estimator, truncation, total_steps, seed):
+    self.estimator = estimator
+    self.task_family = estimator.task_family
+    self.truncation = truncation
+    self.total_steps = total_steps
+    self.seed = seed
+
+  def init_worker_state(self, worker_weights, key):
+    return self.estimator.init_worker_state(worker_weights, key)
+
+  def compute_gradient_estimate(self, worker_weights, key, state,
+                                with_summary=False):
+    del key, with_summary
+    step = int(worker_weights.outer_state.outer_iteration)
+    grad, run_loss = 0.0, 0.0
+    for j in range(self.total_steps // self.truncation):
+      key = jax.random.PRNGKey(
+          hash((self.seed, self.truncation, step, j)) % (2**31 - 1))
+      out, _ = self.estimator.compute_gradient_estimate(worker_weights, key,
+                                                        state)
+      state = out.unroll_state
+      # Weight K / N: the sum estimates d(run-average loss) / d log_lr.
+      grad += float(out.grad["log_lr"]) * self.truncation / self.total_steps
+      run_loss += float(out.mean_loss) * self.truncation / self.total_steps
+    theta = worker_weights.theta
+    full = dict(jax.tree_util.tree_map(jnp.zeros_like, theta),
+                log_lr=jnp.asarray(grad, jnp.float32))
+    return gradient_learner.GradientEstimatorOut(
+        mean_loss=jnp.asarray(run_loss, jnp.float32), grad=full,
+        unroll_state=state, unroll_info=out.unroll_info), {
+            "mean||run_avg_loss": run_loss, "mean||log_lr_grad": grad}
+
+
 def outer_train(estimator, lopt, truncation, total_steps, outer_steps, seed):
-  """log_lr per outer step (one inner run each) for one truncation length K."""
+  """log_lr per outer step (one inner run each) for one truncation length K.
+
+  The library loop (`outer_loop.run`) with Adam(OUTER_LR) on log_lr.
+  """
   # One estimator serves every K (so its unroll compiles once); only the
   # truncation length changes.
   estimator.truncation_length = schedules.ConstantTruncationLength(truncation)
   estimator.truncation_length.validate(STEPS_PER_JIT)
-  theta = lopt.init(jax.random.PRNGKey(0))
-  opt = optax.adam(OUTER_LR)
-  opt_state = opt.init(theta)
-  weights = gradient_learner.WorkerWeights(
-      theta=theta, theta_model_state=None,
-      outer_state=gradient_learner.OuterState(0))
-  state = estimator.init_worker_state(weights, jax.random.PRNGKey(seed))
-  log_lrs, run_losses, grads = [float(theta["log_lr"])], [], []
-  per_run = total_steps // truncation
-  for step in tqdm(range(outer_steps), desc=f"outer training, K={truncation}"):
-    weights = gradient_learner.WorkerWeights(
-        theta=theta, theta_model_state=None,
-        outer_state=gradient_learner.OuterState(step))
-    grad, run_loss = 0.0, 0.0
-    for j in range(per_run):
-      key = jax.random.PRNGKey(
-          hash((seed, truncation, step, j)) % (2**31 - 1))
-      out, _ = estimator.compute_gradient_estimate(weights, key, state)
-      state = out.unroll_state
-      # Weight K / N: the sum estimates d(run-average loss) / d log_lr.
-      grad += float(out.grad["log_lr"]) * truncation / total_steps
-      run_loss += float(out.mean_loss) * truncation / total_steps
-    # Only log_lr is trained: the other gradients are zeroed.
-    full = jax.tree_util.tree_map(jnp.zeros_like, theta)
-    full = dict(full, log_lr=jnp.asarray(grad, jnp.float32))
-    updates, opt_state = opt.update(full, opt_state)
-    theta = optax.apply_updates(theta, updates)
-    log_lrs.append(float(theta["log_lr"]))
-    run_losses.append(run_loss)
-    grads.append(grad)
+  run_average = RunAverageGradient(estimator, truncation, total_steps, seed)
+  learner = outer_loop.learner(
+      lopt, opt_base.OptaxOptimizer(optax.adam(OUTER_LR)))
+  state = learner.init(jax.random.PRNGKey(0))
+  start = run_average.init_worker_state(
+      learner.get_state_for_worker(state), jax.random.PRNGKey(seed))
+  log_lrs = [float(outer_loop.theta(learner, state)["log_lr"])]
+  run_losses, grads = [], []
+  steps = outer_loop.run(learner, [run_average], state, outer_steps,
+                         jax.random.PRNGKey(seed), unroll_states=[start])
+  for out in tqdm(steps, total=outer_steps,
+                  desc=f"outer training, K={truncation}"):
+    log_lrs.append(float(outer_loop.theta(learner, out.learner_state)
+                         ["log_lr"]))
+    run_losses.append(float(out.metrics["mean||run_avg_loss"]))
+    grads.append(float(out.metrics["mean||log_lr_grad"]))
   return {"log_lr": log_lrs, "run_avg_loss": run_losses, "grad": grads}
+
+
+def _plot(out_dir, runs, total, lrs, avg_loss, final_loss, best_avg,
+          best_final, tail, num_seeds):
+  """learning_rate_trajectories.png: learned lr per K; the grid search."""
+  plt = common.pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+  ax = axes[0]
+  for idx, (k, run) in enumerate(runs.items()):  # colours match the right panel
+    ax.plot(np.exp(run["log_lr"]), "-o", ms=3, color=f"C{idx + 2}",
+            label=f"K = {k}" + (" (full run)" if k == total else ""))
+  ax.axhline(best_avg, color="k", ls="--", lw=1,
+             label=f"grid optimum (avg loss) {best_avg:.2g}")
+  ax.axhline(best_final, color="gray", ls=":", lw=1,
+             label=f"grid optimum (final loss) {best_final:.2g}")
+  ax.set_yscale("log")
+  ax.set_xlabel("outer step (one inner run of N steps each)")
+  ax.set_ylabel("Adam learning rate")
+  ax.set_title(f"E3: learned lr, truncated backprop, N = {total}", fontsize=9)
+  ax.legend(fontsize=7)
+  ax = axes[1]
+  ax.plot(lrs, avg_loss, "-o", ms=3, label="average training loss")
+  ax.plot(lrs, final_loss, "-s", ms=3, label=f"final loss (last {tail})")
+  for k, run in runs.items():
+    ax.axvline(np.exp(np.mean(run["log_lr"][-5:])), lw=1, ls="-.",
+               color=f"C{list(runs).index(k) + 2}",
+               label=f"settled lr, K = {k}")
+  ax.set_xscale("log")
+  ax.set_xlabel("Adam learning rate")
+  ax.set_ylabel("training loss")
+  ax.set_title(f"grid search ({num_seeds} inits)", fontsize=9)
+  ax.legend(fontsize=7)
+  common.save_figure(fig, out_dir, "learning_rate_trajectories.png")
 
 
 def main(argv=None):
@@ -170,34 +237,8 @@ def main(argv=None):
   runs = {k: outer_train(estimator, lopt, k, total, outer_steps, args.seed)
           for k in truncations}
 
-  plt = common.pyplot()
-  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-  ax = axes[0]
-  for idx, (k, run) in enumerate(runs.items()):  # colours match the right panel
-    ax.plot(np.exp(run["log_lr"]), "-o", ms=3, color=f"C{idx + 2}",
-            label=f"K = {k}" + (" (full run)" if k == total else ""))
-  ax.axhline(best_avg, color="k", ls="--", lw=1,
-             label=f"grid optimum (avg loss) {best_avg:.2g}")
-  ax.axhline(best_final, color="gray", ls=":", lw=1,
-             label=f"grid optimum (final loss) {best_final:.2g}")
-  ax.set_yscale("log")
-  ax.set_xlabel("outer step (one inner run of N steps each)")
-  ax.set_ylabel("Adam learning rate")
-  ax.set_title(f"E3: learned lr, truncated backprop, N = {total}", fontsize=9)
-  ax.legend(fontsize=7)
-  ax = axes[1]
-  ax.plot(lrs, avg_loss, "-o", ms=3, label="average training loss")
-  ax.plot(lrs, final_loss, "-s", ms=3, label=f"final loss (last {tail})")
-  for k, run in runs.items():
-    ax.axvline(np.exp(np.mean(run["log_lr"][-5:])), lw=1, ls="-.",
-               color=f"C{list(runs).index(k) + 2}",
-               label=f"settled lr, K = {k}")
-  ax.set_xscale("log")
-  ax.set_xlabel("Adam learning rate")
-  ax.set_ylabel("training loss")
-  ax.set_title(f"grid search ({num_seeds} inits)", fontsize=9)
-  ax.legend(fontsize=7)
-  common.save_figure(fig, out_dir, "learning_rate_trajectories.png")
+  _plot(out_dir, runs, total, lrs, avg_loss, final_loss, best_avg,
+        best_final, tail, num_seeds)
 
   start_lr = float(np.exp(runs[truncations[0]]["log_lr"][0]))
   final = {str(k): float(np.exp(r["log_lr"][-1])) for k, r in runs.items()}

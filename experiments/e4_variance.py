@@ -26,14 +26,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm import tqdm
 
-from experiments import common
+from experiments.lib import common
 from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.outer_trainers import gradient_learner
 from learned_optimization.outer_trainers import truncation_schedule
 from pathology_fix import estimators
+from pathology_fix import outer_loop
 from pathology_fix import tasks
 
 NAME = "e4_variance"
@@ -70,26 +70,23 @@ def scale_output_layer(theta, factor):
   return out
 
 
-def train_theta(estimator, theta, num_steps, seed):
-  """num_steps HybridRPES outer steps; returns theta and the meta-losses."""
-  opt = optax.chain(optax.clip(0.1), optax.adam(OUTER_LR, b1=0.5))
-  opt_state = opt.init(theta)
-  weights = gradient_learner.WorkerWeights(
-      theta=theta, theta_model_state=None,
-      outer_state=gradient_learner.OuterState(0))
-  state = estimator.init_worker_state(weights, jax.random.PRNGKey(seed + 10))
+def train_theta(estimator, lopt, num_steps, seed):
+  """num_steps HybridRPES outer steps from lopt.init(PRNGKey(seed)).
+
+  The library loop with the paper's outer optimizer at OUTER_LR. Returns
+  theta and the meta-losses.
+  """
+  learner = outer_loop.learner(
+      lopt, outer_loop.paper_outer_optimizer(OUTER_LR))
+  state = learner.init(jax.random.PRNGKey(seed))
   losses = []
-  for step in tqdm(range(num_steps), desc="HybridRPES outer steps"):
-    weights = gradient_learner.WorkerWeights(
-        theta=theta, theta_model_state=None,
-        outer_state=gradient_learner.OuterState(step))
-    out, _ = estimator.compute_gradient_estimate(
-        weights, jax.random.PRNGKey(seed * 7919 + step), state)
-    state = out.unroll_state
-    updates, opt_state = opt.update(out.grad, opt_state)
-    theta = optax.apply_updates(theta, updates)
-    losses.append(float(out.mean_loss))
-  return theta, losses
+  steps = outer_loop.run(learner, [estimator], state, num_steps,
+                         jax.random.PRNGKey(seed * 7919),
+                         unroll_key=jax.random.PRNGKey(seed + 10))
+  for out in tqdm(steps, total=num_steps, desc="HybridRPES outer steps"):
+    state = out.learner_state
+    losses.append(out.mean_loss)
+  return outer_loop.theta(learner, state), losses
 
 
 def measure(estimator, theta, start_state, lengths, num_draws, seed, label):
@@ -105,7 +102,7 @@ def measure(estimator, theta, start_state, lengths, num_draws, seed, label):
   for length, r in tqdm(jobs, desc=f"draws ({label})"):
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 1000 * length + r)
     key_eps, key_unroll = jax.random.split(key)
-    eps = estimator._sample_eps(key_eps, theta, SIGMA, num_samples=n)  # pylint: disable=protected-access
+    eps = estimator.perturbations(key_eps, theta)
     out = unroller.unroll(theta, eps, start_state, key_unroll, length,
                           with_rp_grads=True)
     mean_losses[length].append(float(jnp.mean(out.losses)))
@@ -142,43 +139,8 @@ def measure(estimator, theta, start_state, lengths, num_draws, seed, label):
   return results
 
 
-def main(argv=None):
-  args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
-  out_dir = common.results_dir(NAME, args.out)
-  start = time.time()
-  if args.quick:
-    lengths, num_samples, num_draws, train_steps = (1, 10, 100, 300), 4, 4, 10
-  else:
-    lengths, num_samples, num_draws, train_steps = (
-        (1, 3, 10, 30, 100, 300, 1000), 8, 6, 40)
-
-  family = SmallDigitsMLPFamily(seed=args.seed)
-  lopt = mlp_lopt.MLPLOpt(hidden_size=32, hidden_layers=1,
-                          compute_summary=False)
-  # One estimator (hence one compiled unroll) serves training and measuring;
-  # inner runs last max(lengths) steps so every length fits in one.
-  estimator = estimators.HybridRPES(
-      family, lopt,
-      truncation_schedule.ConstantTruncationSchedule(max(lengths)),
-      num_tasks=num_samples, unroll_length=TRAIN_TRUNCATION,
-      steps_per_jit=STEPS_PER_JIT, sigma=SIGMA,
-      # Validation loss after each update: with LO's training-loss convention
-      # (loss before the update) an L = 1 unroll does not depend on theta.
-      meta_loss_split="outer_valid", meta_loss_evals=1)
-  theta_init = lopt.init(jax.random.PRNGKey(args.seed))
-  theta_trained, train_losses = train_theta(estimator, theta_init,
-                                            train_steps, args.seed)
-  start_state = estimator.unroller.init_state(
-      theta_init, gradient_learner.OuterState(0),
-      jax.random.PRNGKey(args.seed + 1))
-
-  results = {}
-  thetas = (("init", theta_init), ("trained", theta_trained),
-            ("large_steps", scale_output_layer(theta_init, LARGE_STEP_SCALE)))
-  for label, theta in thetas:
-    results[label] = measure(estimator, theta, start_state, lengths,
-                             num_draws, args.seed + 2, label)
-
+def _plot(out_dir, results, lengths):
+  """variance_vs_length.png: median variance per estimate, one panel a theta."""
   plt = common.pyplot()
   # Own y-axis per panel: exploded RP would flatten the others.
   fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.8))
@@ -200,87 +162,47 @@ def main(argv=None):
   axes[0].legend(fontsize=8)
   common.save_figure(fig, out_dir, "variance_vs_length.png")
 
+
+def _slope(results, lengths, label, mode):
+  """log-log slope of the median variance over the lengths."""
+  y = np.array([results[label][str(l)][f"{mode}_var_median"]
+                for l in lengths])
+  ok = np.isfinite(y) & (y > 0)
+  if ok.sum() < 2:
+    return float("nan")
+  return float(np.polyfit(np.log(np.asarray(lengths)[ok]), np.log(y[ok]),
+                          1)[0])
+
+
+def _crossover(results, lengths, label):
+  """First length where RP's median variance exceeds ES's, or None."""
+  for l in lengths:
+    r = results[label][str(l)]
+    if not r["rp_var_median"] <= r["es_var_median"]:  # also catches NaN
+      return l
+  return None
+
+
+def _verdicts(results, lengths, label):
   longest = str(max(lengths))
-  gaps = {label: {
-      "rp_var": results[label][longest]["rp_var_median"],
-      "es_var": results[label][longest]["es_var_median"],
-      "hybrid_var": results[label][longest]["hybrid_var_median"],
-      "log10_rp_over_es": float(np.log10(
-          results[label][longest]["rp_var_median"] /
-          results[label][longest]["es_var_median"])),
-      "hybrid_over_min_median": results[label][longest][
-          "hybrid_over_min_median"],
-  } for label in results}
-
-  def slope(label, mode):
-    """log-log slope of the median variance over the lengths."""
-    y = np.array([results[label][str(l)][f"{mode}_var_median"]
-                  for l in lengths])
-    ok = np.isfinite(y) & (y > 0)
-    if ok.sum() < 2:
-      return float("nan")
-    return float(np.polyfit(np.log(np.asarray(lengths)[ok]), np.log(y[ok]),
-                            1)[0])
-
-  slopes = {label: {m: slope(label, m) for m in estimators.MODES}
-            for label in results}
-  elapsed = time.time() - start
-  numbers = {
-      "unroll_lengths": list(lengths),
-      "num_samples": num_samples,
-      "num_draws": num_draws,
-      "sigma": SIGMA,
-      "task": family.name,
-      "learned_optimizer": "MLPLOpt(hidden_size=32, hidden_layers=1)",
-      "theta_size": int(_flat(theta_init).size),
-      "theta_training": {
-          "outer_steps": train_steps, "truncation": TRAIN_TRUNCATION,
-          "optimizer": f"clip(0.1) + Adam({OUTER_LR}, b1=0.5)",
-          "meta_loss_first5": float(np.mean(train_losses[:5])),
-          "meta_loss_last5": float(np.mean(train_losses[-5:])),
-          "theta_change_norm": float(np.linalg.norm(
-              _flat(theta_trained) - _flat(theta_init)))},
-      "results": results,
-      "gap_at_longest": gaps,
-      "loglog_slopes": slopes,
-      "runtime_s": elapsed,
+  r = results[label]
+  ratios = [r[str(l)]["hybrid_over_min_median"] for l in lengths]
+  return {
+      "rp_exceeds_es_at": _crossover(results, lengths, label),
+      "rp_growth": r[longest]["rp_var_median"] /
+                   r[str(lengths[0])]["rp_var_median"],
+      "es_growth": r[longest]["es_var_median"] /
+                   r[str(lengths[0])]["es_var_median"],
+      "hybrid_at_or_below_lower_all_lengths": bool(
+          np.all(np.asarray(ratios) <= 1.5)),
+      "hybrid_over_min_worst": float(np.max(ratios)),
   }
 
-  rows = []
-  for label in results:
-    for l in lengths:
-      r = results[label][str(l)]
-      rows.append(
-          f"| {label} | {l} | {r['rp_var_median']:.3g} | "
-          f"{r['es_var_median']:.3g} | {r['hybrid_var_median']:.3g} | "
-          f"{r['hybrid_over_min_median']:.2f} | "
-          f"{r['frac_hybrid_le_1.5x_min']:.2f} | "
-          f"{r['hybrid_rp_weight_mean']:.2f} | {r['rp_nonfinite_samples']} | "
-          f"{r['mean_meta_loss']:.3f} |")
 
-  def crossover(label):
-    """First length where RP's median variance exceeds ES's, or None."""
-    for l in lengths:
-      r = results[label][str(l)]
-      if not r["rp_var_median"] <= r["es_var_median"]:  # also catches NaN
-        return l
-    return None
-
-  def verdicts(label):
-    r = results[label]
-    ratios = [r[str(l)]["hybrid_over_min_median"] for l in lengths]
-    return {
-        "rp_exceeds_es_at": crossover(label),
-        "rp_growth": r[longest]["rp_var_median"] /
-                     r[str(lengths[0])]["rp_var_median"],
-        "es_growth": r[longest]["es_var_median"] /
-                     r[str(lengths[0])]["es_var_median"],
-        "hybrid_at_or_below_lower_all_lengths": bool(
-            np.all(np.asarray(ratios) <= 1.5)),
-        "hybrid_over_min_worst": float(np.max(ratios)),
-    }
-
-  checks = {label: verdicts(label) for label in results}
+def _findings(results, lengths, gaps, slopes, numbers):
+  """(per-theta lines, paper-claim lines); adds verdicts and tails to numbers."""
+  longest = str(max(lengths))
+  checks = {label: _verdicts(results, lengths, label) for label in results}
   numbers["verdicts"] = {
       label: dict(v, rp_exceeds_es_at=v["rp_exceeds_es_at"] or 0)
       for label, v in checks.items()}  # 0 = never
@@ -323,6 +245,26 @@ def main(argv=None):
       f"- Hybrid at or below the lower of the two (median ratio <= 1.5 at "
       f"every length and theta): {'held' if hybrid_ok else 'did not hold'}.",
   ]
+  return lines, held_lines
+
+
+def _summary(numbers, results, lengths, task_name, train_steps, num_draws,
+             num_samples, lines, held_lines, mode):
+  """summary.md of E4."""
+  longest = str(max(lengths))
+  elapsed = numbers["runtime_s"]
+  rows = []
+  for label in results:
+    for l in lengths:
+      r = results[label][str(l)]
+      rows.append(
+          f"| {label} | {l} | {r['rp_var_median']:.3g} | "
+          f"{r['es_var_median']:.3g} | {r['hybrid_var_median']:.3g} | "
+          f"{r['hybrid_over_min_median']:.2f} | "
+          f"{r['frac_hybrid_le_1.5x_min']:.2f} | "
+          f"{r['hybrid_rp_weight_mean']:.2f} | {r['rp_nonfinite_samples']} | "
+          f"{r['mean_meta_loss']:.3f} |")
+
   t = numbers["theta_training"]
   summary = f"""# E4: estimator variance vs unroll length
 
@@ -332,7 +274,7 @@ of grad L~ built from the same antithetic unrolls (`AntitheticUnroller` +
 `combine_samples`): RP, ES and the inverse-variance hybrid, each averaging
 n = {num_samples} samples; sigma = {SIGMA}. The table gives the median over
 the {numbers['theta_size']} coordinates of theta. Learned optimizer: MLPLOpt
-(1 hidden layer of 32); task: {family.name} (MLP 64-16-10, batch 32);
+(1 hidden layer of 32); task: {task_name} (MLP 64-16-10, batch 32);
 meta-objective: validation loss after each inner update (one batch of 32 from
 the outer_valid split), clipped at 10. "trained" theta: {train_steps}
 HybridRPES outer steps ({TRAIN_TRUNCATION}-step truncations,
@@ -358,8 +300,89 @@ error ~sqrt(2/{num_draws - 1})); the medians over coordinates are much
 steadier. The hybrid's weights come from n = {num_samples} samples per draw
 (paper: 128), so its merge is noisier than the paper's.
 
-Run time: {elapsed:.1f} s ({'quick' if args.quick else 'full'} mode).
+Run time: {elapsed:.1f} s ({mode} mode).
 """
+  return summary
+
+
+def main(argv=None):
+  args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+  out_dir = common.results_dir(NAME, args.out)
+  start = time.time()
+  if args.quick:
+    lengths, num_samples, num_draws, train_steps = (1, 10, 100, 300), 4, 4, 10
+  else:
+    lengths, num_samples, num_draws, train_steps = (
+        (1, 3, 10, 30, 100, 300, 1000), 8, 6, 40)
+
+  family = SmallDigitsMLPFamily(seed=args.seed)
+  lopt = mlp_lopt.MLPLOpt(hidden_size=32, hidden_layers=1,
+                          compute_summary=False)
+  # One estimator (hence one compiled unroll) serves training and measuring;
+  # inner runs last max(lengths) steps so every length fits in one.
+  estimator = estimators.HybridRPES(
+      family, lopt,
+      truncation_schedule.ConstantTruncationSchedule(max(lengths)),
+      num_tasks=num_samples, unroll_length=TRAIN_TRUNCATION,
+      steps_per_jit=STEPS_PER_JIT, sigma=SIGMA,
+      # Validation loss after each update: with LO's training-loss convention
+      # (loss before the update) an L = 1 unroll does not depend on theta.
+      meta_loss_split="outer_valid", meta_loss_evals=1)
+  theta_init = lopt.init(jax.random.PRNGKey(args.seed))
+  theta_trained, train_losses = train_theta(estimator, lopt, train_steps,
+                                            args.seed)
+  start_state = estimator.unroller.init_state(
+      theta_init, gradient_learner.OuterState(0),
+      jax.random.PRNGKey(args.seed + 1))
+
+  results = {}
+  thetas = (("init", theta_init), ("trained", theta_trained),
+            ("large_steps", scale_output_layer(theta_init, LARGE_STEP_SCALE)))
+  for label, theta in thetas:
+    results[label] = measure(estimator, theta, start_state, lengths,
+                             num_draws, args.seed + 2, label)
+
+  _plot(out_dir, results, lengths)
+  longest = str(max(lengths))
+  gaps = {label: {
+      "rp_var": results[label][longest]["rp_var_median"],
+      "es_var": results[label][longest]["es_var_median"],
+      "hybrid_var": results[label][longest]["hybrid_var_median"],
+      "log10_rp_over_es": float(np.log10(
+          results[label][longest]["rp_var_median"] /
+          results[label][longest]["es_var_median"])),
+      "hybrid_over_min_median": results[label][longest][
+          "hybrid_over_min_median"],
+  } for label in results}
+
+  slopes = {label: {m: _slope(results, lengths, label, m)
+                    for m in estimators.MODES} for label in results}
+  elapsed = time.time() - start
+  numbers = {
+      "unroll_lengths": list(lengths),
+      "num_samples": num_samples,
+      "num_draws": num_draws,
+      "sigma": SIGMA,
+      "task": family.name,
+      "learned_optimizer": "MLPLOpt(hidden_size=32, hidden_layers=1)",
+      "theta_size": int(_flat(theta_init).size),
+      "theta_training": {
+          "outer_steps": train_steps, "truncation": TRAIN_TRUNCATION,
+          "optimizer": f"clip(0.1) + Adam({OUTER_LR}, b1=0.5)",
+          "meta_loss_first5": float(np.mean(train_losses[:5])),
+          "meta_loss_last5": float(np.mean(train_losses[-5:])),
+          "theta_change_norm": float(np.linalg.norm(
+              _flat(theta_trained) - _flat(theta_init)))},
+      "results": results,
+      "gap_at_longest": gaps,
+      "loglog_slopes": slopes,
+      "runtime_s": elapsed,
+  }
+
+  lines, held_lines = _findings(results, lengths, gaps, slopes, numbers)
+  summary = _summary(numbers, results, lengths, family.name, train_steps,
+                     num_draws, num_samples, lines, held_lines,
+                     "quick" if args.quick else "full")
   common.finish(out_dir, numbers, summary, quick=args.quick)
   return numbers
 

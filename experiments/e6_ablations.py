@@ -26,16 +26,19 @@ the exact outer_valid loss over the run (every `eval_every` steps) -- the
 quantity the validation meta-objective targets.
 """
 
+import itertools
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import common
-from experiments import e5_headline as e5
+from experiments.lib import bundles
+from experiments.lib import common
+from experiments.lib import meta_training
 from pathology_fix import estimators
 from pathology_fix import schedules
+from pathology_fix import tasks
 
 NAME = "e6_ablations"
 
@@ -79,7 +82,7 @@ def warm_up(family, cfg, seed):
   longest = max([cfg["k_max"]] + list(cfg["fixed"]))
   for cls in (estimators.HybridRPES, estimators.VariationalRP,
               estimators.VariationalES):
-    run = e5.meta_train(
+    run = meta_training.meta_train(
         cls, family, num_tasks=cfg["num_tasks"],
         inner_steps=cfg["inner_steps"],
         truncation_length=schedules.LinearTruncationCurriculum(
@@ -99,7 +102,8 @@ def main(argv=None):
   t_start = time.perf_counter()
   steps = cfg["inner_steps"]
 
-  family, m = e5.meta_train_family("train", cfg["batch_size"], seed=args.seed)
+  family, m = meta_training.meta_train_family("train", cfg["batch_size"],
+                                              seed=args.seed)
   assert cfg["num_tasks"] % m == 0, (cfg["num_tasks"], m)
   checkpoint_at = [cfg["budget"] * j / (cfg["num_checkpoints"] - 1)
                    for j in range(1, cfg["num_checkpoints"])]
@@ -108,7 +112,7 @@ def main(argv=None):
   runs = {}
   specs, n_curr = variants(cfg)
   for label, cls, trunc in specs:
-    runs[label] = e5.meta_train(
+    runs[label] = meta_training.meta_train(
         cls, family, num_tasks=cfg["num_tasks"], inner_steps=steps,
         truncation_length=trunc(), outer_lr=cfg["outer_lr"],
         meta_loss_split="outer_valid", inner_step_budget=cfg["budget"],
@@ -118,10 +122,11 @@ def main(argv=None):
   t_train = time.perf_counter() - t_start
 
   # Evaluate every checkpoint of every variant in one batched call.
-  pool = list(e5.itertools.combinations(e5.tasks.META_TRAIN_CLASSES, 3))
+  pool = list(itertools.combinations(tasks.META_TRAIN_CLASSES,
+                                     meta_training.NUM_CLASSES))
   rng = np.random.default_rng(args.seed + 7)
   picks = rng.choice(len(pool), cfg["eval_tasks"], replace=False)
-  bundle = e5.build_bundle(
+  bundle = bundles.build_bundle(
       [("fashion_mnist", pool[i], args.seed + 500 + j)
        for j, i in enumerate(picks)],
       steps=steps, batch_size=cfg["batch_size"],
@@ -138,8 +143,8 @@ def main(argv=None):
       thetas.append(theta)
   lopt = runs[specs[0][0]]["lopt"]
   stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *thetas)
-  curves = e5.train_curves(
-      bundle, lambda th: e5.learned_optimizer(lopt, th, steps), stacked,
+  curves = bundles.train_curves(
+      bundle, lambda th: bundles.learned_optimizer(lopt, th, steps), stacked,
       steps, cfg["eval_every"])  # [tasks, H, evals, 2]
   # Meta-loss: outer_valid loss averaged over the run (steps > 0) and tasks.
   valid = np.where(np.isfinite(curves[..., 0]), curves[..., 0], np.nan)

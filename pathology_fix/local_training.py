@@ -46,6 +46,7 @@ import numpy as onp
 import tqdm
 
 from pathology_fix import lo_api
+from pathology_fix import outer_loop
 
 CHECKPOINT_PREFIX = "checkpoint_"
 PARAMS_PREFIX = "params_"
@@ -447,28 +448,17 @@ def local_train(
 
     while step < num_steps:
       with_metrics = bool(summary_every_n) and step % summary_every_n == 0
-      worker_key, learner_key, resample_key = jax.random.split(
-          jax.random.fold_in(base_key, step), 3)
-      worker_weights = outer_learner.get_state_for_worker(gradient_learner_state)
-
-      group = estimator_groups[step % len(estimator_groups)]
-      worker_out = gradient_learner.gradient_worker_compute(
-          worker_weights, [gradient_estimators[i] for i in group],
-          [unroll_states[i] for i in group], worker_key, with_metrics)
-      unroll_states = list(unroll_states)
-      for i, state in zip(group, worker_out.unroll_states):
-        unroll_states[i] = state
-      # One gradient from one worker per update: nothing to aggregate.
-      next_state, learner_metrics = outer_learner.update(
-          gradient_learner_state, [worker_out.to_put],
-          with_metrics=with_metrics, key=learner_key)
-      gradient_estimators, unroll_states = (
-          lo_api.maybe_resample_gradient_estimators(
-              sample_estimators_fn, lopt, gradient_estimators, unroll_states,
-              worker_weights=worker_weights, key=resample_key,
-              stochastic_resample_frequency=stochastic_resample_frequency,
-              worker_id=worker_id))
-      next_step = int(next_state.theta_opt_state.iteration)
+      out = outer_loop.outer_step(
+          outer_learner, gradient_estimators, unroll_states,
+          gradient_learner_state, outer_loop.step_keys(base_key, step),
+          with_metrics=with_metrics, lopt=lopt,
+          stochastic_resample_frequency=stochastic_resample_frequency,
+          group=estimator_groups[step % len(estimator_groups)],
+          sample_estimators_fn=sample_estimators_fn, worker_id=worker_id)
+      worker_out, learner_metrics = out.worker_out, out.learner_metrics
+      gradient_estimators, unroll_states = (out.gradient_estimators,
+                                            out.unroll_states)
+      next_state, next_step = out.learner_state, out.step
 
       now = time.time()
       delta_time = max(now - step_start, 1e-9)

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 
 import pathology_fix  # noqa: F401  (compat layer before any LO import)
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 RESULTS = REPO / "experiments" / "results"
 
 

@@ -1,0 +1,1 @@
+"""Code the experiment scripts share; nothing here imports a script."""
