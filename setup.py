@@ -17,7 +17,7 @@ setuptools.setup(
     description=("Variational RP+ES hybrid gradient estimators, truncation "
                  "curriculum and validation meta-objectives for "
                  "learned_optimization"),
-    packages=setuptools.find_packages(include=["pathology_fix", "pathology_fix.*"]),
+    packages=setuptools.find_packages(include=["pathology_fix", "pathology_fix.*", "pathology_fix_core"]),
     # Start-up hook for LO's own binaries; `python -m pathology_fix_startup`
     # writes its .pth (see that module).
     py_modules=["pathology_fix_startup"],

@@ -4,7 +4,7 @@ r"""Outer-step cost of HybridRPES against LO's truncated estimators.
   python -m experiments.bench --preset gpu --out bench_gpu.md   (one H100)
 
 For every (task, truncation length k, n samples) it runs outer steps of the
-library loop (`pathology_fix.outer_loop.outer_step`: the estimate, then the
+library loop (`pathology_fix.runtime.outer_loop.outer_step`: the estimate, then the
 paper's outer update of theta) and times the estimate within each
 (`compute_gradient_estimate`, blocked on the gradient) of
 

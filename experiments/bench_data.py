@@ -2,7 +2,7 @@
 
   python -m experiments.bench_data [--quick] [--out DIR]
 
-Real outer steps of the library loop (`pathology_fix.outer_loop`;
+Real outer steps of the library loop (`pathology_fix.runtime.outer_loop`;
 validation meta-objective, MLPLOpt) on the offline
 Fashion-MNIST tasks; the time inside the unroller's batch fetching (drawing
 train and outer_valid batches from the numpy iterators and stacking them per
@@ -18,7 +18,7 @@ from experiments.lib import common
 from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.outer_trainers import truncation_schedule
 from pathology_fix import estimators
-from pathology_fix import outer_loop
+from pathology_fix.runtime import outer_loop
 from pathology_fix import tasks
 
 NAME = "bench_data"

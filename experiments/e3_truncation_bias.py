@@ -34,7 +34,7 @@ from learned_optimization.optimizers import base as opt_base
 from learned_optimization.outer_trainers import gradient_learner
 from learned_optimization.outer_trainers import truncation_schedule
 from pathology_fix import estimators
-from pathology_fix import outer_loop
+from pathology_fix.runtime import outer_loop
 from pathology_fix import schedules
 from pathology_fix import tasks
 

@@ -33,7 +33,7 @@ from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.outer_trainers import gradient_learner
 from learned_optimization.outer_trainers import truncation_schedule
 from pathology_fix import estimators
-from pathology_fix import outer_loop
+from pathology_fix.runtime import outer_loop
 from pathology_fix import tasks
 
 NAME = "e4_variance"

@@ -7,7 +7,7 @@ every gin configurable of the plugin, so `--gin_import=pathology_fix` is all a
 user of LO's own tools needs.
 """
 
-from pathology_fix import compat
+from pathology_fix.runtime import compat
 
 compat.apply()
 
@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 # Registers the gin configurables (imports after compat.apply() on purpose).
 from pathology_fix import data  # pylint: disable=g-import-not-at-top
 from pathology_fix import estimators  # pylint: disable=g-import-not-at-top
-from pathology_fix import local_training  # pylint: disable=g-import-not-at-top
+from pathology_fix.runtime import local_training  # pylint: disable=g-import-not-at-top
 from pathology_fix import mixing  # pylint: disable=g-import-not-at-top
 from pathology_fix import paper_lopt  # pylint: disable=g-import-not-at-top
 from pathology_fix import schedules  # pylint: disable=g-import-not-at-top

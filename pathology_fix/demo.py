@@ -42,8 +42,8 @@ def heldout_check(train_log_dir, config_file=DEMO_CONFIG, seed=0):
   import jax  # pylint: disable=g-import-not-at-top
   import pathology_fix  # pylint: disable=g-import-not-at-top,unused-import
   from learned_optimization.learned_optimizers import mlp_lopt  # pylint: disable=g-import-not-at-top
-  from pathology_fix import evaluation  # pylint: disable=g-import-not-at-top
-  from pathology_fix import local_training  # pylint: disable=g-import-not-at-top
+  from pathology_fix.runtime import evaluation  # pylint: disable=g-import-not-at-top
+  from pathology_fix.runtime import local_training  # pylint: disable=g-import-not-at-top
   from pathology_fix import tasks  # pylint: disable=g-import-not-at-top
 
   gin.clear_config()

@@ -25,12 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from learned_optimization.outer_trainers import gradient_learner
-from pathology_fix import combine
-from pathology_fix import curriculum
+from pathology_fix_core import combine
+from pathology_fix_core import curriculum
 from pathology_fix import lo_api
 from pathology_fix import schedules
 from pathology_fix import unroll
-from pathology_fix import variational
+from pathology_fix_core import variational
 
 MODES = ("hybrid", "rp", "es")
 DEFAULT_UNROLL_LENGTH = 20

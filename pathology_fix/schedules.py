@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import gin
 import numpy as np
 
-from pathology_fix import curriculum
+from pathology_fix_core import curriculum
 
 
 class TruncationLength:

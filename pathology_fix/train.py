@@ -5,7 +5,7 @@ r"""Single-machine meta-training with learned_optimization's `run_train`.
 
 The flags are LO's own (`learned_optimization.setup_experiment`). Training
 runs LO's `outer_train.run_train` with a resumable loop in place of LO 0.0.1's
-`local_train` (see `pathology_fix.local_training`): rerunning the same command
+`local_train` (see `pathology_fix.runtime.local_training`): rerunning the same command
 with the same DIR continues from the last checkpoint. DIR receives
 checkpoint_<N>/params_<N>, TensorBoard event files, metrics.jsonl and
 config.gin.
@@ -39,7 +39,7 @@ from learned_optimization import outer_train  # pylint: disable=g-bad-import-ord
 from learned_optimization import setup_experiment  # pylint: disable=g-bad-import-order  # defines the flags
 from pathology_fix import data
 from pathology_fix import lo_api
-from pathology_fix import local_training
+from pathology_fix.runtime import local_training
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(setup_experiment)  # list them in --help

@@ -37,7 +37,7 @@ import jax
 
 from learned_optimization.learned_optimizers import base as lopt_base
 from learned_optimization.optimizers import base as opt_base
-from pathology_fix import variational
+from pathology_fix_core import variational
 
 
 @flax.struct.dataclass

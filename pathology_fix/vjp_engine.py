@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pathology_fix import variational
+from pathology_fix_core import variational
 
 REMATERIALIZE_CHOICES = (True, False, "auto")
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 import pathology_fix  # pylint: disable=unused-import  # compat before LO
-from pathology_fix import local_training
+from pathology_fix.runtime import local_training
 from pathology_fix import train
 
 import cli_utils

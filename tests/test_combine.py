@@ -1,11 +1,11 @@
-"""pathology_fix.combine against a NumPy reference and in simulation."""
+"""pathology_fix_core.combine against a NumPy reference and in simulation."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pathology_fix import combine
+from pathology_fix_core import combine
 
 EPS = 1e-8
 

@@ -1,9 +1,9 @@
-"""pathology_fix.curriculum: schedule, jitter, rounding, clipping, errors."""
+"""pathology_fix_core.curriculum: schedule, jitter, rounding, clipping, errors."""
 
 import numpy as np
 import pytest
 
-from pathology_fix import curriculum as cur
+from pathology_fix_core import curriculum as cur
 
 K_MIN, K_MAX, ITERS, CHUNK = 50, 10_000, 5_000, 10
 

@@ -6,8 +6,8 @@ import numpy as np
 import pathology_fix  # pylint: disable=unused-import  # compat before LO
 from learned_optimization.learned_optimizers import mlp_lopt  # pylint: disable=g-bad-import-order
 from learned_optimization.tasks import quadratics  # pylint: disable=g-bad-import-order
-from pathology_fix import evaluation
-from pathology_fix import local_training
+from pathology_fix.runtime import evaluation
+from pathology_fix.runtime import local_training
 
 import cli_utils
 

@@ -120,7 +120,7 @@ def test_chunked_reverse_pass_matches_direct_backprop():
   twin = _mlp_hybrid(estimators.HybridRPES, num_tasks=3, unroll_length=20,
                      steps_per_jit=5, family=fx.seeded_quadratic_family(4))
   datas = [twin.unroller.problems.chunk_data() for _ in range(4)]
-  from pathology_fix import variational  # pylint: disable=g-import-not-at-top
+  from pathology_fix_core import variational  # pylint: disable=g-import-not-at-top
 
   def total_loss(theta_pair):
     states = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]),

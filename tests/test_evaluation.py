@@ -1,4 +1,4 @@
-"""pathology_fix.evaluation.meta_test: whole inner runs with fixed keys."""
+"""pathology_fix.runtime.evaluation.meta_test: whole inner runs with fixed keys."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ import pathology_fix  # pylint: disable=unused-import  # compat before LO
 from learned_optimization.learned_optimizers import base as lopt_base  # pylint: disable=g-bad-import-order
 from learned_optimization.optimizers import base as opt_base  # pylint: disable=g-bad-import-order
 from learned_optimization.tasks import quadratics  # pylint: disable=g-bad-import-order
-from pathology_fix import evaluation
+from pathology_fix.runtime import evaluation
 from pathology_fix import tasks
 
 

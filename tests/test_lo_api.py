@@ -22,7 +22,7 @@ from learned_optimization.outer_trainers import truncation_schedule
 from learned_optimization.tasks import quadratics
 from pathology_fix import estimators
 from pathology_fix import lo_api
-from pathology_fix import local_training
+from pathology_fix.runtime import local_training
 from pathology_fix import mixing
 
 import cli_utils

@@ -32,7 +32,7 @@ CORE_MODULES = (
     "tasks.quadratics_test",
     "tasks.task_augmentation_test",
     "tasks.parametric.cfgobject_test",
-    "distributed_test",  # courier replaced by pathology_fix.inprocess_courier
+    "distributed_test",  # courier replaced by pathology_fix.runtime.inprocess_courier
     "continuous_eval.task_group_server_test",
     "population.population_test",
     "population.examples.synthetic.train_test",

@@ -48,7 +48,7 @@ CORE_MODULES = (
 
 # Also pass, but take 5-20 s each: `pytest -m slow`.
 SLOW_MODULES = (
-    "distributed_test",  # courier replaced by pathology_fix.inprocess_courier
+    "distributed_test",  # courier replaced by pathology_fix.runtime.inprocess_courier
     "eval_training_test",
     "continuous_eval.run_eval_chief_test",
     "continuous_eval.run_eval_worker_test",

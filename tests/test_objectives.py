@@ -1,11 +1,11 @@
-"""pathology_fix.objectives.clipped_mean_loss against a NumPy reference."""
+"""pathology_fix_core.objectives.clipped_mean_loss against a NumPy reference."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pathology_fix import objectives as obj
+from pathology_fix_core import objectives as obj
 
 
 def np_clipped_mean(losses, mask, max_loss):

@@ -1,4 +1,4 @@
-"""pathology_fix.outer_loop: the paper's outer optimizer and the library loop."""
+"""pathology_fix.runtime.outer_loop: the paper's outer optimizer and the library loop."""
 
 import gin
 import jax
@@ -10,7 +10,7 @@ import cli_utils
 import pathology_fix  # pylint: disable=unused-import  # compat before LO
 from learned_optimization.learned_optimizers import base as lopt_base  # pylint: disable=g-bad-import-order
 from learned_optimization.outer_trainers import gradient_learner  # pylint: disable=g-bad-import-order
-from pathology_fix import outer_loop
+from pathology_fix.runtime import outer_loop
 
 TARGET = 0.7  # the fake meta-loss is (log_lr - TARGET)^2
 

@@ -7,7 +7,7 @@ import numpy as np
 
 import pathology_fix  # pylint: disable=unused-import  # compat before LO
 from learned_optimization import summary  # pylint: disable=g-bad-import-order
-from pathology_fix import local_training
+from pathology_fix.runtime import local_training
 
 import cli_utils
 

@@ -10,7 +10,7 @@ import pytest
 
 import pathology_fix  # pylint: disable=unused-import  # compat before LO
 from learned_optimization.learned_optimizers import mlp_lopt  # pylint: disable=g-bad-import-order
-from pathology_fix import local_training
+from pathology_fix.runtime import local_training
 
 import cli_utils
 

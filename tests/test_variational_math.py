@@ -1,11 +1,11 @@
-"""Statistical and algebraic properties of pathology_fix.variational."""
+"""Statistical and algebraic properties of pathology_fix_core.variational."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pathology_fix import variational as var
+from pathology_fix_core import variational as var
 
 
 def _theta():

@@ -43,7 +43,7 @@ def run_profile(cfg: Dict[str, Any]) -> Dict[str, Any]:
   from learned_optimization.learned_optimizers import mlp_lopt  # pylint: disable=g-import-not-at-top
   from learned_optimization.outer_trainers import gradient_learner  # pylint: disable=g-import-not-at-top
   from learned_optimization.tasks import quadratics  # pylint: disable=g-import-not-at-top
-  from pathology_fix import variational  # pylint: disable=g-import-not-at-top
+  from pathology_fix_core import variational  # pylint: disable=g-import-not-at-top
 
   n, spj = cfg["n"], cfg["spj"]
   if cfg["task"].startswith("quadratic"):

@@ -1,7 +1,7 @@
 """Benchmark children: one (task, k, n) group per fresh process (bench.py).
 
 Families, estimators, the runner that times one library outer step
-(`pathology_fix.outer_loop.outer_step`, blocked on the new theta and inner
+(`pathology_fix.runtime.outer_loop.outer_step`, blocked on the new theta and inner
 states), CPU/GPU peak memory, and the spawn-process plumbing.
 """
 
@@ -204,7 +204,7 @@ class _Runner:
 
   def __init__(self, name, cfg, family, lopt):
     import jax  # pylint: disable=g-import-not-at-top
-    from pathology_fix import outer_loop  # pylint: disable=g-import-not-at-top
+    from pathology_fix.runtime import outer_loop  # pylint: disable=g-import-not-at-top
     steps = cfg["warmup"] + cfg["repeats"] + cfg["mem_steps"] + 1
     self.name = name
     self.est = make_estimator(name, family, lopt, cfg["n"], cfg["k"],
@@ -229,7 +229,7 @@ class _Runner:
 
   def step(self) -> float:
     import jax  # pylint: disable=g-import-not-at-top
-    from pathology_fix import outer_loop  # pylint: disable=g-import-not-at-top
+    from pathology_fix.runtime import outer_loop  # pylint: disable=g-import-not-at-top
     t = time.perf_counter()
     out = outer_loop.outer_step(
         self.learner, [self.clocked], self.states, self.learner_state,
@@ -339,7 +339,7 @@ def _hybrid_breakdown(est, weights, state, k, repeats):
   `truncate`), with and without the reverse pass.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from pathology_fix import variational  # pylint: disable=g-import-not-at-top
+  from pathology_fix_core import variational  # pylint: disable=g-import-not-at-top
   theta = weights.theta
   unroller = est.unroller
   state, steps_left = unroller.prepare(theta, state, weights.outer_state,

@@ -3,7 +3,7 @@
 Several same-architecture tasks stacked on a leading axis; every optimizer
 (a vmapped hyper-parameter axis: learning rates or stacked thetas) sees the
 same init and batch sequence per task, and split losses are exact means over
-the whole split. E5 and E6 evaluate with it; `pathology_fix.evaluation`'s
+the whole split. E5 and E6 evaluate with it; `pathology_fix.runtime.evaluation`'s
 `meta_test` is the package's evaluator for any LO task (sampled batches).
 """
 

@@ -2,7 +2,7 @@
 
 Task distribution: mlp2x32 on 8x8 Fashion-MNIST, every 3-class subset of a
 class pool (one subset per sample, random inits). Outer training is
-`pathology_fix.outer_loop.run` with the paper's outer optimizer
+`pathology_fix.runtime.outer_loop.run` with the paper's outer optimizer
 (`outer_loop.paper_outer_optimizer`) at the experiment's learning rate.
 """
 
@@ -18,7 +18,7 @@ from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.outer_trainers import truncation_schedule
 from learned_optimization.tasks.datasets import base as datasets_base
 from pathology_fix import data
-from pathology_fix import outer_loop
+from pathology_fix.runtime import outer_loop
 from pathology_fix import tasks
 
 ARCH = "mlp2x32"

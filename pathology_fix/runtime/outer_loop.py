@@ -119,6 +119,7 @@ class OuterStep:
     gradient_estimators: the estimators to use next (some may be resampled).
     worker_out: LO's WorkerComputeOut (to_put.mean_loss, to_put.theta_grads).
     learner_metrics: GradientLearner.update's metrics.
+    with_metrics: whether the slower metrics were asked for this step.
   """
   step: int
   learner_state: gradient_learner.GradientLearnerState
@@ -126,6 +127,7 @@ class OuterStep:
   gradient_estimators: List[Any]
   worker_out: gradient_learner.WorkerComputeOut
   learner_metrics: Mapping[str, Any]
+  with_metrics: bool = False
 
   @property
   def metrics(self) -> Dict[str, Any]:
@@ -204,7 +206,7 @@ def outer_step(outer_learner: gradient_learner.GradientLearner,
       step=int(next_state.theta_opt_state.iteration),
       learner_state=next_state, unroll_states=list(states_out),
       gradient_estimators=list(estimators_out), worker_out=worker_out,
-      learner_metrics=learner_metrics)
+      learner_metrics=learner_metrics, with_metrics=with_metrics)
 
 
 def run(outer_learner: gradient_learner.GradientLearner,
@@ -216,7 +218,10 @@ def run(outer_learner: gradient_learner.GradientLearner,
         unroll_key: Optional[PRNGKey] = None,
         summary_every_n: int = 0,
         lopt: Optional[lopt_base.LearnedOptimizer] = None,
-        stochastic_resample_frequency: int = 0) -> Iterator[OuterStep]:
+        stochastic_resample_frequency: int = 0,
+        estimator_groups: Optional[Sequence[Sequence[int]]] = None,
+        sample_estimators_fn: Optional[Any] = None,
+        worker_id: int = 0) -> Iterator[OuterStep]:
   """Outer steps from `learner_state` until the learner's step is num_steps.
 
   Yields each step's `OuterStep`; the caller's loop body is the per-step
@@ -232,6 +237,10 @@ def run(outer_learner: gradient_learner.GradientLearner,
       `unroll_key`.
     unroll_key: key for `init_unroll_states` (needed when unroll_states is None).
     summary_every_n: metrics on steps s with s % n == 0 (0: never).
+    estimator_groups: step s runs the estimators in
+      estimator_groups[s % len(estimator_groups)] (LO main's
+      `run_num_estimators_per_gradient`); None: all of them every step.
+    sample_estimators_fn, worker_id: as in `outer_step`.
   """
   if unroll_states is None:
     if unroll_key is None:
@@ -245,7 +254,10 @@ def run(outer_learner: gradient_learner.GradientLearner,
         outer_learner, gradient_estimators, unroll_states, learner_state,
         step_keys(base_key, step),
         with_metrics=bool(summary_every_n) and step % summary_every_n == 0,
-        lopt=lopt, stochastic_resample_frequency=stochastic_resample_frequency)
+        lopt=lopt, stochastic_resample_frequency=stochastic_resample_frequency,
+        group=(None if estimator_groups is None else
+               estimator_groups[step % len(estimator_groups)]),
+        sample_estimators_fn=sample_estimators_fn, worker_id=worker_id)
     yield out
     learner_state, unroll_states = out.learner_state, out.unroll_states
     gradient_estimators, step = out.gradient_estimators, out.step

@@ -46,7 +46,7 @@ import numpy as onp
 import tqdm
 
 from pathology_fix import lo_api
-from pathology_fix import outer_loop
+from pathology_fix.runtime import outer_loop
 
 CHECKPOINT_PREFIX = "checkpoint_"
 PARAMS_PREFIX = "params_"
@@ -314,6 +314,66 @@ def _resolve_seed(seed: Optional[int]) -> int:
   return secrets.randbits(31) if seed is None else int(seed)
 
 
+def _restore_or_init(train_log_dir: str,
+                     outer_learner: gradient_learner.GradientLearner,
+                     init_key) -> Tuple[Any, float, int, Optional[str]]:
+  """(learner state, elapsed time, total inner steps, restored path or None)."""
+  state = outer_learner.init(init_key)
+  template = gradient_learner.OptCheckpoint(
+      state, elapsed_time=onp.asarray(0.0, onp.float64), total_inner_steps=0)
+  restored = restore_latest_checkpoint(train_log_dir, template)
+  if restored is None:
+    return state, 0.0, 0, None
+  checkpoint_data, restored_path = restored
+  return (checkpoint_data.gradient_learner_state,
+          float(checkpoint_data.elapsed_time),
+          int(checkpoint_data.total_inner_steps), restored_path)
+
+
+def _open_summaries(train_log_dir: str,
+                    outer_learner: gradient_learner.GradientLearner,
+                    learner_state, restored: bool):
+  """metrics.jsonl and TensorBoard, continued after a restored step."""
+  step = int(learner_state.theta_opt_state.iteration)
+  metrics_log = MetricsLog(
+      os.path.join(train_log_dir, METRICS_FILE),
+      keep_up_to_step=step if restored else 0)
+  summary_writer = summary.JaxboardWriter(train_log_dir)
+  if restored:
+    _mark_restart(summary_writer, step + 1)
+  else:
+    theta = lo_api.get_meta_params(outer_learner, learner_state)
+    shapes = jax.tree_util.tree_map(
+        lambda x: (tuple(onp.shape(x)), str(jnp.asarray(x).dtype)), theta)
+    summary_writer.text("theta_structure", str(shapes), step=0)
+  return metrics_log, summary_writer
+
+
+def _step_summary(out: outer_loop.OuterStep,
+                  outer_learner: gradient_learner.GradientLearner,
+                  worker_ids, with_metrics: bool, delta_time: float,
+                  total_inner_steps: int,
+                  elapsed_time: float) -> MutableMapping[str, Any]:
+  """LO's learner summary of one step, plus the estimators' metrics."""
+  # LO's local_train drops the estimators' metrics; keep both.
+  with onp.errstate(divide="ignore"):
+    to_write = outer_train.summarize_learner(
+        step=out.step,
+        metrics=out.metrics,
+        worker_ids=worker_ids,
+        with_metrics=with_metrics,
+        theta=lo_api.get_meta_params(outer_learner, out.learner_state),
+        delta_time=delta_time,
+        total_inner_steps=total_inner_steps,
+        delta_inner_steps=onp.asarray(0))
+  # gradient_worker_compute does not report inner steps (LO's loop logs 0
+  # for them too): leave these out rather than log zeros.
+  to_write.pop("inner_steps", None)
+  to_write.pop("total_time/inner_steps_per_second", None)
+  to_write["elapsed_time"] = elapsed_time + delta_time
+  return to_write
+
+
 @gin.configurable("resumable_local_train")
 def local_train(
     train_log_dir: str,
@@ -375,130 +435,45 @@ def local_train(
   os.makedirs(train_log_dir, exist_ok=True)
   seed = _resolve_seed(seed)
   logging.info("Seed: %d", seed)
-  base_key = jax.random.PRNGKey(seed)
-  init_key, estimators_key, base_key = jax.random.split(base_key, 3)
-
-  gradient_learner_state = outer_learner.init(init_key)
-  template = gradient_learner.OptCheckpoint(
-      gradient_learner_state,
-      elapsed_time=onp.asarray(0.0, onp.float64),
-      total_inner_steps=0)
-  restored = restore_latest_checkpoint(train_log_dir, template)
-  if restored is not None:
-    checkpoint_data, restored_path = restored
-    gradient_learner_state = checkpoint_data.gradient_learner_state
-    elapsed_time = float(checkpoint_data.elapsed_time)
-    total_inner_steps = int(checkpoint_data.total_inner_steps)
-  else:
-    restored_path = None
-    elapsed_time = 0.0
-    total_inner_steps = 0
-
-  step = int(gradient_learner_state.theta_opt_state.iteration)
-  start_step = step
+  init_key, estimators_key, base_key = jax.random.split(
+      jax.random.PRNGKey(seed), 3)
+  progress = _Progress(train_log_dir, outer_learner, keep,
+                       *_restore_or_init(train_log_dir, outer_learner, init_key))
+  start_step = progress.step
   # LO draws from numpy's global RNG (estimator resampling, event sampling).
-  onp.random.seed((seed + step) % 2**32)
-
-  def make_checkpoint():
-    return gradient_learner.OptCheckpoint(
-        gradient_learner_state,
-        elapsed_time=onp.asarray(elapsed_time, onp.float64),
-        total_inner_steps=int(total_inner_steps))
-
-  if restored_path is None:
+  onp.random.seed((seed + start_step) % 2**32)
+  if progress.restored_path is None:
     print(f"Starting meta-training in {train_log_dir} (seed {seed}).",
           flush=True)
-    save_checkpoint(train_log_dir, outer_learner, make_checkpoint(), keep)
+    progress.save()
   else:
-    print(f"Resuming from {restored_path}: outer step {step} of {num_steps} "
-          f"(seed {seed}).", flush=True)
-  last_saved_step = step
-
-  metrics_log = MetricsLog(
-      os.path.join(train_log_dir, METRICS_FILE),
-      keep_up_to_step=step if restored_path else 0)
-  summary_writer = summary.JaxboardWriter(train_log_dir)
-  if restored_path is not None:
-    _mark_restart(summary_writer, step + 1)
-  else:
-    theta = lo_api.get_meta_params(outer_learner, gradient_learner_state)
-    shapes = jax.tree_util.tree_map(
-        lambda x: (tuple(onp.shape(x)), str(jnp.asarray(x).dtype)), theta)
-    summary_writer.text("theta_structure", str(shapes), step=0)
+    print(f"Resuming from {progress.restored_path}: outer step {start_step} "
+          f"of {num_steps} (seed {seed}).", flush=True)
+    progress.last_saved_step = start_step
+  metrics_log, summary_writer = _open_summaries(
+      train_log_dir, outer_learner, progress.learner_state,
+      restored=progress.restored_path is not None)
 
   stop_reason = "num_steps reached"
   pbar = None
   try:
-    if step < num_steps:
-      worker_weights = outer_learner.get_state_for_worker(gradient_learner_state)
+    if start_step < num_steps:
       gradient_estimators = lo_api.build_gradient_estimators(
           sample_estimators_fn, lopt, estimators_key, num_estimators,
           worker_id=worker_id)
-      unroll_keys = jax.random.split(
-          jax.random.fold_in(estimators_key, step), num_estimators)
-      unroll_states = [
-          est.init_worker_state(worker_weights, k)
-          for est, k in zip(gradient_estimators, unroll_keys)
-      ]
-      worker_ids = collections.deque(maxlen=10)
-      pbar = tqdm.tqdm(
-          total=num_steps, initial=step, desc="outer steps", unit="step",
-          dynamic_ncols=True)
-      step_start = time.time()
-
-    while step < num_steps:
-      with_metrics = bool(summary_every_n) and step % summary_every_n == 0
-      out = outer_loop.outer_step(
-          outer_learner, gradient_estimators, unroll_states,
-          gradient_learner_state, outer_loop.step_keys(base_key, step),
-          with_metrics=with_metrics, lopt=lopt,
+      steps = outer_loop.run(
+          outer_learner, gradient_estimators, progress.learner_state,
+          num_steps, base_key,
+          unroll_key=jax.random.fold_in(estimators_key, start_step),
+          summary_every_n=summary_every_n, lopt=lopt,
           stochastic_resample_frequency=stochastic_resample_frequency,
-          group=estimator_groups[step % len(estimator_groups)],
+          estimator_groups=estimator_groups,
           sample_estimators_fn=sample_estimators_fn, worker_id=worker_id)
-      worker_out, learner_metrics = out.worker_out, out.learner_metrics
-      gradient_estimators, unroll_states = (out.gradient_estimators,
-                                            out.unroll_states)
-      next_state, next_step = out.learner_state, out.step
-
-      now = time.time()
-      delta_time = max(now - step_start, 1e-9)
-      step_start = now
-      worker_ids.append([0])
-
-      # LO's local_train drops the estimators' metrics; keep both.
-      metrics = {**worker_out.metrics, **learner_metrics}
-      with onp.errstate(divide="ignore"):
-        to_write = outer_train.summarize_learner(
-            step=next_step,
-            metrics=metrics,
-            worker_ids=worker_ids,
-            with_metrics=with_metrics,
-            theta=lo_api.get_meta_params(outer_learner, next_state),
-            delta_time=delta_time,
-            total_inner_steps=total_inner_steps,
-            delta_inner_steps=onp.asarray(0))
-      # gradient_worker_compute does not report inner steps (LO's loop logs
-      # 0 for them too): leave these out rather than log zeros.
-      to_write.pop("inner_steps", None)
-      to_write.pop("total_time/inner_steps_per_second", None)
-      to_write["elapsed_time"] = elapsed_time + delta_time
-      _write_summaries(summary_writer, metrics_log, to_write, next_step)
-
-      # Commit only once the step is logged: what a checkpoint holds (also on
-      # Ctrl-C) always has its metrics.jsonl line.
-      gradient_learner_state, step = next_state, next_step
-      elapsed_time += delta_time
-
-      mean_loss = float(worker_out.to_put.mean_loss)
-      pbar.set_postfix(meta_loss=f"{mean_loss:.4g}", refresh=False)
-      pbar.update(step - pbar.n)
-
-      if step % checkpoint_every_n_steps == 0:
-        save_checkpoint(train_log_dir, outer_learner, make_checkpoint(), keep)
-        last_saved_step = step
-      if num_seconds and elapsed_time > num_seconds:
+      pbar = tqdm.tqdm(total=num_steps, initial=start_step,
+                       desc="outer steps", unit="step", dynamic_ncols=True)
+      if _log_steps(steps, progress, pbar, metrics_log, summary_writer,
+                    checkpoint_every_n_steps, num_seconds):
         stop_reason = f"num_seconds={num_seconds} reached"
-        break
   except KeyboardInterrupt:
     stop_reason = "interrupted"
     raise
@@ -508,14 +483,70 @@ def local_train(
   finally:
     if pbar is not None:
       pbar.close()
-    # Also on Ctrl-C: gradient_learner_state is only ever a completed update.
-    if step != last_saved_step:
-      save_checkpoint(train_log_dir, outer_learner, make_checkpoint(), keep)
+    # Also on Ctrl-C: progress only ever holds a completed update.
+    if progress.step != progress.last_saved_step:
+      progress.save()
     metrics_log.close()
     _close_writer(summary_writer)
     if stop_reason:
-      _print_outputs(train_log_dir, step, num_steps, start_step, stop_reason)
-  return step
+      _print_outputs(train_log_dir, progress.step, num_steps, start_step,
+                     stop_reason)
+  return progress.step
+
+
+class _Progress:
+  """The run's state a checkpoint holds, and the step it was last saved at."""
+
+  def __init__(self, train_log_dir, outer_learner, keep, learner_state,
+               elapsed_time, total_inner_steps, restored_path):
+    self.train_log_dir = train_log_dir
+    self.outer_learner = outer_learner
+    self.keep = keep
+    self.learner_state = learner_state
+    self.elapsed_time = elapsed_time
+    self.total_inner_steps = total_inner_steps
+    self.restored_path = restored_path
+    self.last_saved_step = None
+
+  @property
+  def step(self) -> int:
+    return int(self.learner_state.theta_opt_state.iteration)
+
+  def save(self):
+    save_checkpoint(
+        self.train_log_dir, self.outer_learner,
+        gradient_learner.OptCheckpoint(
+            self.learner_state,
+            elapsed_time=onp.asarray(self.elapsed_time, onp.float64),
+            total_inner_steps=int(self.total_inner_steps)), self.keep)
+    self.last_saved_step = self.step
+
+
+def _log_steps(steps, progress: _Progress, pbar, metrics_log, summary_writer,
+               checkpoint_every_n_steps: int, num_seconds: float) -> bool:
+  """Logs and checkpoints each outer step; True if stopped by num_seconds."""
+  worker_ids = collections.deque(maxlen=10)
+  step_start = time.time()
+  for out in steps:
+    now = time.time()
+    delta_time = max(now - step_start, 1e-9)
+    step_start = now
+    worker_ids.append([0])
+    to_write = _step_summary(out, progress.outer_learner, worker_ids,
+                             out.with_metrics, delta_time,
+                             progress.total_inner_steps, progress.elapsed_time)
+    _write_summaries(summary_writer, metrics_log, to_write, out.step)
+    # Commit only once the step is logged: what a checkpoint holds (also on
+    # Ctrl-C) always has its metrics.jsonl line.
+    progress.learner_state = out.learner_state
+    progress.elapsed_time += delta_time
+    pbar.set_postfix(meta_loss=f"{out.mean_loss:.4g}", refresh=False)
+    pbar.update(progress.step - pbar.n)
+    if progress.step % checkpoint_every_n_steps == 0:
+      progress.save()
+    if num_seconds and progress.elapsed_time > num_seconds:
+      return True
+  return False
 
 
 _INVALID_TAG_CHARACTERS = re.compile(r"[^-/\w.]")

@@ -15,9 +15,9 @@ single-machine work get stand-ins that exist only while LO modules execute.
 | numpy.product                         | numpy.prod                           | removed in numpy 2.0 |
 | flax orbax checkpoint default         | flax_use_orbax_checkpointing=False   | LO's checkpoints.load_state opens `params_N` as a file |
 | tensorflow, tensorflow.compat.v2, tensorflow_datasets | stand-in while LO modules execute | imported at module level by summary.py and tasks/datasets; only used inside functions |
-| flax.metrics.tensorboard              | `pathology_fix.tensorboard_writer`   | needs TF and tensorboard; summaries go through tensorboardX instead |
-| courier (dm-launchpad)                | `pathology_fix.inprocess_courier` while LO modules execute | no build for this Python; LO's learner/worker servers then run as threads of one process |
-| summary.TensorboardWriter / JaxboardWriter (LO main) | `pathology_fix.tensorboard_writer.SummaryWriter` | main writes with `tf.summary` instead of flax's writer |
+| flax.metrics.tensorboard              | `pathology_fix.runtime.tensorboard_writer`   | needs TF and tensorboard; summaries go through tensorboardX instead |
+| courier (dm-launchpad)                | `pathology_fix.runtime.inprocess_courier` while LO modules execute | no build for this Python; LO's learner/worker servers then run as threads of one process |
+| summary.TensorboardWriter / JaxboardWriter (LO main) | `pathology_fix.runtime.tensorboard_writer.SummaryWriter` | main writes with `tf.summary` instead of flax's writer |
 | setup_experiment turning jax_log_compiles on (LO main) | the previous value restored after it | hundreds of "Compiling ..." warnings per run |
 
 LO main is told from 0.0.1 by its features (see `lo_api`); each fix above
@@ -119,13 +119,13 @@ def _make_stand_ins():
         "tensorflow.compat.v2": tf_v2,
     })
   if not _is_installed("tensorflow") or not _is_installed("tensorboard"):
-    from pathology_fix import tensorboard_writer  # pylint: disable=g-import-not-at-top
+    from pathology_fix.runtime import tensorboard_writer  # pylint: disable=g-import-not-at-top
     modules["flax.metrics.tensorboard"] = tensorboard_writer
   if not _is_installed("tensorflow_datasets"):
     modules["tensorflow_datasets"] = _StandInModule("tensorflow_datasets",
                                                     "tensorflow_datasets")
   if not _is_installed("courier"):
-    from pathology_fix import inprocess_courier  # pylint: disable=g-import-not-at-top
+    from pathology_fix.runtime import inprocess_courier  # pylint: disable=g-import-not-at-top
     modules["courier"] = inprocess_courier
   return modules
 
@@ -163,7 +163,7 @@ def _use_tensorboardx_writer(summary_module):
   """LO main's summary writers need TensorFlow; 0.0.1's is flax's (stood in)."""
   if "TensorboardWriter" in summary_module.__dict__ and (
       not _is_installed("tensorflow") or not _is_installed("tensorboard")):
-    from pathology_fix import tensorboard_writer  # pylint: disable=g-import-not-at-top
+    from pathology_fix.runtime import tensorboard_writer  # pylint: disable=g-import-not-at-top
     summary_module.TensorboardWriter = tensorboard_writer.SummaryWriter
     summary_module.JaxboardWriter = tensorboard_writer.SummaryWriter
 
