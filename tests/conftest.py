@@ -5,6 +5,7 @@ learned_optimization GitHub main (`.ci/run`; `PATHOLOGY_FIX_LO=main ./run.sh
 test`). Listed here, by node id prefix, so test files need no edits.
 """
 
+import jax
 import pathology_fix  # noqa: F401
 import pytest
 
@@ -14,7 +15,7 @@ LO_MAIN_SUBSET = (
     "tests/test_gin_configs.py",
     "tests/test_train_cli.py::test_short_run_writes_checkpoints_summaries_and_config",
     "tests/test_train_cli.py::test_resume_after_sigkill_continues_from_last_checkpoint",
-    "tests/test_train_cli.py::test_bad_input_is_one_error_line",
+    "tests/test_bad_config.py::test_in_a_subprocess",
     "tests/test_tensorboard_events.py",
     "tests/test_end_to_end.py::test_mixture_of_hybrid_and_lo_pes_runs",
     "tests/test_estimators.py::test_estimators_are_unbiased_for_the_smoothed_gradient",
@@ -26,3 +27,12 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if item.nodeid.startswith(LO_MAIN_SUBSET):
       item.add_marker(pytest.mark.lo_main)
+
+
+@pytest.fixture(autouse=True)
+def _restore_jax_x64():
+  """A test (or an experiment's main) that turns on x64 must not leak it."""
+  before = jax.config.jax_enable_x64
+  yield
+  if jax.config.jax_enable_x64 != before:
+    jax.config.update("jax_enable_x64", before)
