@@ -169,7 +169,6 @@ def plot_meta_loss(train_log_dir, out_path, heldout):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
 
   rows = read_metrics(train_log_dir)
   steps = np.array([r["step"] for r in rows])
