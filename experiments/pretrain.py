@@ -41,7 +41,7 @@ RECIPES = {
         config="gin_configs/demo.gin",
         learned_optimizer="MLPLOpt",
         seed=0,
-        outer_steps=200, k_min=10, k_max=50,
+        outer_steps=350, k_min=10, k_max=50,
         heldout_tasks=8, heldout_steps=300,
         quick=dict(outer_steps=3, heldout_tasks=2, heldout_steps=50)),
 }
