@@ -1,6 +1,6 @@
 r"""Builds a shipped pretrained optimizer from scratch: pathology_fix/pretrained/NAME/.
 
-  python -m experiments.pretrain NAME [--quick] [--out_dir DIR]
+  python -m experiments.pretrain NAME [--quick] [--out_dir DIR] [--run_dir DIR]
 
 1. Meta-trains with the library's own loop (`python -m pathology_fix.train`,
    fresh run folder under runs/pretrain/) on the recipe's gin config.
@@ -151,6 +151,8 @@ def main(argv=None):
   parser.add_argument("--quick", action="store_true",
                       help="a few outer steps and a small held-out check (CI)")
   parser.add_argument("--out_dir", default=None)
+  parser.add_argument("--run_dir", default=None,
+                      help="meta-training folder (default runs/pretrain/...)")
   args = parser.parse_args(argv)
   recipe = dict(RECIPES[args.name])
   if args.quick:
@@ -158,8 +160,9 @@ def main(argv=None):
   out_dir = args.out_dir or (
       os.path.join(REPO, "runs", "pretrain", f"{args.name}-quick")
       if args.quick else os.path.join(PRETRAINED, args.name))
-  run_dir = os.path.join(REPO, "runs", "pretrain",
-                         args.name + ("-quick-run" if args.quick else "-run"))
+  run_dir = args.run_dir or os.path.join(
+      REPO, "runs", "pretrain",
+      args.name + ("-quick-run" if args.quick else "-run"))
   git = _git_commit()
   command, minutes = meta_train(recipe, run_dir)
 

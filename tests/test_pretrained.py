@@ -2,6 +2,7 @@
 
 import importlib.resources
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -166,3 +167,52 @@ def test_architecture_file_rejects_other_configurables(tmp_path):
   path.write_text("scope/MLPLOpt.hidden_size = 4\n")
   with pytest.raises(ValueError, match="only unscoped bindings"):
     pretrained.read_architecture(str(path))
+
+
+def _recipe_gin():
+  import gin
+  from experiments import pretrain
+  recipe = pretrain.RECIPES[SHIPPED]
+  gin.clear_config()
+  gin.add_config_file_search_path(str(cli_utils.REPO / "gin_configs"))
+  gin.parse_config_file(str(cli_utils.REPO / recipe["config"]))
+  return pretrain, recipe
+
+
+@pytest.mark.slow
+def test_shipped_heldout_results_reproduce_the_record():
+  """The shipped theta, rerun through today's code, gives the record's table."""
+  import gin
+  pretrain, recipe = _recipe_gin()
+  record = pretrained.record(SHIPPED)
+  try:
+    heldout, step = pretrain.evaluate(pretrained.path(SHIPPED), recipe,
+                                      False, record["seed"])
+  finally:
+    gin.clear_config()
+  assert f"params_{step}" == record["params_file"]
+  assert [r["task"] for r in heldout["per_task"]] == [
+      r["task"] for r in record["heldout"]["per_task"]]
+  for now, then in zip(heldout["per_task"], record["heldout"]["per_task"]):
+    for key, value in then.items():
+      if key != "task":
+        assert math.isclose(now[key], value, rel_tol=1e-3), (now, then)
+
+
+@pytest.mark.slow
+def test_pretrain_quick_writes_a_loadable_optimizer(tmp_path):
+  out = tmp_path / "out"
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.pretrain", SHIPPED, "--quick",
+       "--out_dir", str(out), "--run_dir", str(tmp_path / "run")],
+      cwd=cli_utils.REPO, env=cli_utils.subprocess_env(), capture_output=True,
+      text=True, timeout=cli_utils.TIMEOUT_S)
+  assert proc.returncode == 0, cli_utils.describe(proc)
+  assert "[pretrain] held-out wins" in proc.stdout
+  record = json.loads((out / "record.json").read_text())
+  assert record["outer_steps"] == 3 and record["params_file"] == "params_3"
+  assert record["command"].endswith("--quick")
+  learned_opt = pretrained.read_architecture(str(out / "lopt.gin"))
+  shipped_opt, _ = pretrained.load(SHIPPED)
+  assert type(learned_opt) is type(shipped_opt)
+  assert len(record["heldout"]["per_task"]) == 2
