@@ -7,6 +7,7 @@ import sys
 
 import cli_utils
 import numpy as np
+import pytest
 
 
 def test_demo_trains_then_compares_thetas_on_heldout_classes(tmp_path):
@@ -65,6 +66,7 @@ def test_demo_trains_then_compares_thetas_on_heldout_classes(tmp_path):
   assert f"plot:             {png}" in proc.stdout
 
 
+@pytest.mark.slow
 def test_heldout_comparison_matches_adam_run_rate_by_rate(monkeypatch):
   """Adam rows against LO's own Adam(lr) entries of `meta_test`, tuned by hand."""
   import jax
