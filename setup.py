@@ -21,6 +21,9 @@ setuptools.setup(
     # Start-up hook for LO's own binaries; `python -m pathology_fix_startup`
     # writes its .pth (see that module).
     py_modules=["pathology_fix_startup"],
+    # The shipped learned optimizers: theta (params_<N>), lopt.gin, record.json.
+    package_data={"pathology_fix.pretrained": ["*/params_*", "*/*.gin",
+                                               "*/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "jax",

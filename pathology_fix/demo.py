@@ -4,9 +4,10 @@
 
 Runs `python -m pathology_fix.train` with gin_configs/demo.gin (HybridRPES,
 validation meta-objective, 3-class Fashion-MNIST MLP tasks on classes 0-4).
-Then a held-out check: the starting theta (params_0) and the trained one each
-train new tasks on the held-out classes 5-9 from scratch, with the same data
-and keys (`evaluation.meta_test`). Writes heldout_eval.json and meta_loss.png
+Then a held-out check: the starting theta (params_0), the trained one, Adam at
+1e-3 and Adam tuned per task over 11 log-spaced rates (1e-4..10, picked on
+each task's validation loss) each train new tasks on the held-out classes 5-9
+from scratch, with the same data and keys (`evaluation.meta_test`). Writes heldout_eval.json and meta_loss.png
 beside the run's logs. Rerunning resumes from the last checkpoint; pass a
 larger --num_steps to train on.
 """
@@ -16,6 +17,8 @@ import json
 import os
 import subprocess
 import sys
+
+import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, "gin_configs", "demo.gin")
@@ -32,19 +35,95 @@ def read_metrics(train_log_dir):
     return [json.loads(line) for line in f if line.strip()]
 
 
-def heldout_check(train_log_dir, config_file=DEMO_CONFIG, seed=0):
-  """Starting vs latest theta on new tasks from the held-out classes.
+# Adam's learning-rate grid (E5's): 11 rates log-spaced 1e-4 .. 10.
+ADAM_LRS = tuple(float(x) for x in np.logspace(-4, 1, 11))
+ADAM_DEFAULT_LR = 1e-3
+# Which split of each held-out task picks tuned Adam's rate.
+TUNING_SPLIT = "final_outer_valid_loss"
 
-  Returns {"initial": {...}, "trained": {...}, "setup": {...}} (see
-  `evaluation.meta_test`); the tasks are the config's, on class pool "heldout".
+
+def _adam_by_learning_rate():
+  """LO's Adam as a `LearnedOptimizer` whose theta is the learning rate.
+
+  `meta_test` compiles one run per task and learned optimizer, shared by its
+  thetas; so the whole grid costs one compilation per task, not eleven.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from learned_optimization.learned_optimizers import base as lopt_base  # pylint: disable=g-import-not-at-top
+  from learned_optimization.optimizers import base as opt_base  # pylint: disable=g-import-not-at-top
+
+  class AdamByLearningRate(lopt_base.LearnedOptimizer):
+
+    def init(self, key):
+      del key
+      return jnp.asarray(ADAM_DEFAULT_LR, jnp.float32)
+
+    def opt_fn(self, theta, is_training=False):
+      del is_training
+      return opt_base.Adam(theta)
+
+  return AdamByLearningRate()
+
+
+def heldout_comparison(make_tasks, lopt, thetas, num_steps, key):
+  """Learned thetas vs Adam(1e-3) and per-task tuned Adam, same data and keys.
+
+  Args:
+    make_tasks: () -> fresh list of tasks; called twice (once for the thetas,
+      once for Adam) so both see the same batches from fresh iterators.
+    lopt, thetas, num_steps, key: as in `evaluation.meta_test`.
+
+  Returns:
+    {name: means} for every theta name, "adam_1e-3" and "adam_tuned" (the
+    rate of `ADAM_LRS` with the lowest `TUNING_SPLIT` loss, per task), plus
+    "per_task": rows {"task", "name", metrics..., ["learning_rate"]} and
+    "adam": {"learning_rates", "tuned_learning_rate_per_task",
+    "tuned_on": TUNING_SPLIT}.
+  """
+  from pathology_fix.runtime import evaluation  # pylint: disable=g-import-not-at-top
+
+  learned = evaluation.meta_test(make_tasks(), lopt, thetas, num_steps, key)
+  grid = {f"adam lr={lr:.3g}": np.float32(lr) for lr in ADAM_LRS}
+  adam = evaluation.meta_test(make_tasks(), _adam_by_learning_rate(), grid,
+                              num_steps, key)
+  by_task = {}
+  for row in adam.per_task:
+    row = dict(row, learning_rate=float(grid[row["name"]]))
+    by_task.setdefault(row["task"], []).append(row)
+  default_name = f"adam lr={ADAM_DEFAULT_LR:.3g}"
+  chosen = {"adam_1e-3": [], "adam_tuned": []}
+  for rows in by_task.values():
+    chosen["adam_1e-3"].append(
+        next(r for r in rows if r["name"] == default_name))
+    chosen["adam_tuned"].append(min(rows, key=lambda r: np.nan_to_num(
+        r[TUNING_SPLIT], nan=np.inf)))
+  out = {name: dict(means) for name, means in learned.items()}
+  per_task = list(learned.per_task)
+  for label, rows in chosen.items():
+    metrics = [k for k in rows[0] if k not in ("task", "name", "learning_rate")]
+    out[label] = {k: float(np.mean([r[k] for r in rows])) for k in metrics}
+    per_task += [dict(r, name=label) for r in rows]
+  out["per_task"] = per_task
+  out["adam"] = {
+      "learning_rates": list(ADAM_LRS),
+      "tuned_learning_rate_per_task": {
+          r["task"]: r["learning_rate"] for r in chosen["adam_tuned"]},
+      "tuned_on": TUNING_SPLIT}
+  return out
+
+
+def heldout_check(train_log_dir, config_file=DEMO_CONFIG, seed=0):
+  """Starting vs latest theta vs Adam on new tasks from the held-out classes.
+
+  Returns `heldout_comparison`'s dict for thetas "initial" (params_0) and
+  "trained" (the latest params), plus "setup"; the tasks are the config's,
+  on class pool "heldout".
   """
   import gin  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import pathology_fix  # pylint: disable=g-import-not-at-top,unused-import
   from learned_optimization.learned_optimizers import mlp_lopt  # pylint: disable=g-import-not-at-top
-  from pathology_fix.runtime import evaluation  # pylint: disable=g-import-not-at-top
   from pathology_fix.runtime import local_training  # pylint: disable=g-import-not-at-top
-  from pathology_fix import tasks  # pylint: disable=g-import-not-at-top
 
   gin.clear_config()
   gin.add_config_file_search_path(os.path.dirname(os.path.abspath(config_file)))
@@ -57,16 +136,32 @@ def heldout_check(train_log_dir, config_file=DEMO_CONFIG, seed=0):
   num_steps = int(
       gin.query_parameter("ConstantTruncationSchedule.total_length"))
   keys = jax.random.split(jax.random.PRNGKey(seed), HELDOUT_TASKS + 1)
-  heldout = []
-  for k in keys[1:]:
-    family = tasks.sample_fashion_mnist_family(k, class_pool="heldout")
-    heldout.append(family.task_fn(family.sample(k)))
-  results = evaluation.meta_test(heldout, lopt, thetas, num_steps, keys[0])
+  make_tasks = heldout_tasks(keys[1:])
+  results = heldout_comparison(make_tasks, lopt, thetas, num_steps, keys[0])
+  task_names = [t.name for t in make_tasks()]
   gin.clear_config()
   results["setup"] = {
-      "tasks": [t.name for t in heldout], "inner_steps": num_steps,
+      "tasks": task_names, "inner_steps": num_steps,
       "initial_params": "params_0", "trained_params": f"params_{latest}"}
   return results
+
+
+def heldout_tasks(keys, **family_kwargs):
+  """() -> new tasks on the held-out classes 5-9, one per key (same each call).
+
+  The family's other arguments come from gin (the config's tasks) unless given.
+  """
+  from pathology_fix import tasks  # pylint: disable=g-import-not-at-top
+
+  def make():
+    out = []
+    for k in keys:
+      family = tasks.sample_fashion_mnist_family(
+          k, class_pool="heldout", **family_kwargs)
+      out.append(family.task_fn(family.sample(k)))
+    return out
+
+  return make
 
 
 def plot_meta_loss(train_log_dir, out_path, heldout):
@@ -74,7 +169,6 @@ def plot_meta_loss(train_log_dir, out_path, heldout):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
 
   rows = read_metrics(train_log_dir)
   steps = np.array([r["step"] for r in rows])
@@ -89,15 +183,23 @@ def plot_meta_loss(train_log_dir, out_path, heldout):
   left.set_title("HybridRPES meta-training MLPLOpt (classes 0-4)")
   left.legend()
   x = np.arange(len(REPORTED))
-  for offset, name in ((-0.2, "initial"), (0.2, "trained")):
-    right.bar(x + offset, [heldout[name][k] for k, _ in REPORTED], width=0.4,
-              label=f"{name} theta ({heldout['setup'][name + '_params']})")
+  setup = heldout["setup"]
+  bars = (("initial", f"initial theta ({setup['initial_params']})"),
+          ("trained", f"trained theta ({setup['trained_params']})"),
+          ("adam_1e-3", "Adam, lr 1e-3"),
+          ("adam_tuned", "Adam, lr tuned per task (on validation)"))
+  width = 0.8 / len(bars)
+  for i, (name, label) in enumerate(bars):
+    right.bar(x + (i - (len(bars) - 1) / 2) * width,
+              [heldout[name][k] for k, _ in REPORTED], width=width,
+              label=label)
   right.set_xticks(x, [label.replace(", ", ",\n") for _, label in REPORTED],
                    fontsize=8)
   right.set_ylabel("loss (mean over tasks)")
   right.set_title(f"{len(heldout['setup']['tasks'])} new tasks on held-out "
                   f"classes 5-9, {heldout['setup']['inner_steps']} steps")
-  right.legend()
+  right.set_yscale("log")
+  right.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(out_path, dpi=100)
   plt.close(fig)
@@ -119,7 +221,8 @@ def main(argv=None):
   code = subprocess.call(command)
   if code != 0:
     return code
-  print("Held-out check: the starting and the trained theta each train "
+  print("Held-out check: the starting and the trained theta, Adam at 1e-3 "
+        "and Adam tuned over 11 rates each train "
         f"{HELDOUT_TASKS} new tasks on Fashion-MNIST classes 5-9 (never seen "
         "in meta-training) from scratch, same data and keys ...", flush=True)
   heldout = heldout_check(args.train_log_dir)
@@ -130,11 +233,16 @@ def main(argv=None):
                        os.path.join(args.train_log_dir, "meta_loss.png"),
                        heldout)
   setup = heldout["setup"]
-  print(f"  {'':34s}{setup['initial_params']:>12s}"
-        f"{setup['trained_params']:>12s}")
+  columns = (("initial", setup["initial_params"]),
+             ("trained", setup["trained_params"]),
+             ("adam_1e-3", "Adam 1e-3"), ("adam_tuned", "Adam tuned"))
+  print(f"  {'':34s}" + "".join(f"{title:>12s}" for _, title in columns))
   for key, label in REPORTED:
-    print(f"  {label:34s}{heldout['initial'][key]:12.3f}"
-          f"{heldout['trained'][key]:12.3f}")
+    print(f"  {label:34s}" + "".join(f"{heldout[name][key]:12.3f}"
+                                      for name, _ in columns))
+  print("  (Adam tuned: per task, the rate of "
+        f"{len(ADAM_LRS)} log-spaced in 1e-4..10 with the lowest validation "
+        "loss after the run; the learned optimizer gets no such tuning)")
   print(f"  held-out results: {json_path}")
   print(f"  plot:             {png}")
   return 0
