@@ -33,7 +33,6 @@ CORE_MODULES = (
     "learned_optimizers.mlp_lopt_test",
     "optimizers.base_test",
     "tasks.quadratics_test",
-    "outer_train_test",
     # Seconds each.
     "baselines.run_trainer_test",
     "continuous_eval.task_group_server_test",
@@ -56,6 +55,10 @@ SLOW_MODULES = (
     "learned_optimizers.nn_adam_test",
     "learned_optimizers.rnn_mlp_lopt_test",
     "tasks.es_wrapper_test",
+    # Its distributed tests race (LO's own comment says so): on a loaded
+    # machine (load average ~8) test_distributed_train hung in 3 of 12 runs
+    # here, its worker thread waiting on the finished learner; idle, it passes.
+    "outer_train_test",
 )
 
 # Extra environment per module.
