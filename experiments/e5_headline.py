@@ -123,7 +123,8 @@ def main(argv=None):
   evaluated = evaluation.meta_test(
       heldout_tasks, lopt, entries, steps, jax.random.PRNGKey(args.seed + 300),
       eval_every=cfg["eval_every"], splits=analysis.SPLITS, whole_splits=True,
-      max_eval_examples={"train": cfg["train_eval_examples"]})
+      max_eval_examples={"train": cfg["train_eval_examples"]},
+      same_model=True)  # one architecture: compiled once per optimizer
   curves = {n: analysis.stack_curves(evaluated, evaluation.sweep_names(
       n, entries[n])) for n in BASELINES}
   curves.update({n: analysis.stack_curves(evaluated, [n]) for n in lopt_names})

@@ -149,7 +149,7 @@ def main(argv=None):
   evaluated = evaluation.meta_test(
       eval_tasks, None, {"checkpoint": checkpoints}, steps,
       jax.random.PRNGKey(args.seed + 500), eval_every=cfg["eval_every"],
-      splits=EVAL_SPLITS, whole_splits=True)
+      splits=EVAL_SPLITS, whole_splits=True, same_model=True)
   curves = analysis.stack_curves(
       evaluated, evaluation.sweep_names("checkpoint", checkpoints),
       EVAL_SPLITS)  # [tasks, checkpoints, evals, 2]

@@ -240,6 +240,29 @@ def test_max_eval_examples_evaluates_a_subset_of_the_split():
   assert final_test(1) == one  # the same subset every call
 
 
+def test_same_model_compiles_once_and_changes_nothing():
+  # Two tasks that differ only in their data (same shapes): with same_model
+  # the sweep is traced once for both, and every number stays the same.
+  traces = []
+
+  def make(lr):
+    traces.append(lr)
+    return optax.sgd(lr)
+
+  two = [_LinearRegression(_regression_splits(seed=s)) for s in (2, 3)]
+  entries = {"sgd": evaluation.Sweep(make, jnp.asarray([0.1, 0.2]),
+                                     ("a", "b"))}
+  kwargs = dict(splits=("train", "test"), whole_splits=True, eval_every=2)
+  shared = evaluation.meta_test(two, None, entries, 4, jax.random.PRNGKey(0),
+                                same_model=True, **kwargs)
+  assert len(traces) == 1
+  separate = evaluation.meta_test(two, None, entries, 4,
+                                  jax.random.PRNGKey(0), **kwargs)
+  assert len(traces) == 3
+  assert shared == separate
+  assert shared.per_task == separate.per_task
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"num_steps": 0}, "num_steps"),
     ({"tasks": []}, "tasks"),

@@ -288,7 +288,8 @@ def meta_test(tasks: Sequence[Any], lopt, thetas: Dict[str, Any],
               splits: Optional[Sequence[str]] = None,
               whole_splits: bool = False,
               max_eval_examples: Optional[Mapping[str, int]] = None,
-              eval_chunk_size: int = EVAL_CHUNK_SIZE) -> MetaTestResult:
+              eval_chunk_size: int = EVAL_CHUNK_SIZE,
+              same_model: bool = False) -> MetaTestResult:
   """Trains every task from scratch with each entry; same data and keys for all.
 
   Per task, every entry starts from the same initialization (from `key`)
@@ -317,6 +318,11 @@ def meta_test(tasks: Sequence[Any], lopt, thetas: Dict[str, Any],
       the cap is evaluated on a fixed random subset of that many examples
       (the same for every entry; seeded by the task's position).
     eval_chunk_size: with whole_splits, examples per forward pass.
+    same_model: the caller's promise that every task is the same model (the
+      same init and loss functions, e.g. one architecture on different class
+      subsets) and differs only in its datasets: tasks[0]'s functions are
+      compiled once per optimizer and reused for every task whose data has
+      the same shapes.
 
   Returns:
     MetaTestResult: {name: {"train_loss_mean": mean inner training loss over
@@ -330,16 +336,21 @@ def meta_test(tasks: Sequence[Any], lopt, thetas: Dict[str, Any],
   rows = []
   curves = {name: {} for name in order}
   chunk = eval_chunk_size if whole_splits else None
+  compiled = {}  # (id(model task), group) -> jitted run
   for index, (task, task_key) in enumerate(
       zip(tasks, jax.random.split(key, len(tasks)))):
     train = _batches(task, "train", num_steps)
     evals = _eval_data(task, index, splits, num_eval_batches, whole_splits,
                        max_eval_examples)
     task_rows = {}
-    for group in groups:
-      run = _inner_run(task, group.make_opt, num_steps, eval_every, chunk)
-      run = jax.jit(jax.vmap(run, in_axes=(0, None, None, None))
-                    if group.vmapped else run)
+    for g, group in enumerate(groups):
+      model = tasks[0] if same_model else task
+      if (id(model), g) not in compiled:
+        run = _inner_run(model, group.make_opt, num_steps, eval_every, chunk)
+        compiled[(id(model), g)] = jax.jit(
+            jax.vmap(run, in_axes=(0, None, None, None)) if group.vmapped
+            else run)
+      run = compiled[(id(model), g)]
       for names, hyper in group.calls:
         out = run(hyper, task_key, train, evals)
         for i, name in enumerate(names):
