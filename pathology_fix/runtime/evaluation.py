@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 EVAL_SPLITS = ("train", "outer_valid", "test")
-EVAL_CHUNK_SIZE = 2048  # examples per forward pass of a whole-split loss
+EVAL_CHUNK_SIZE = 512  # examples per forward pass of a whole-split loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,26 +84,35 @@ def _whole_split(task, split: str, max_examples: Optional[int], seed: int):
   return arrays
 
 
-def exact_mean_loss(batch_loss: Callable[[Any], jnp.ndarray], examples,
-                    chunk_size: int = EVAL_CHUNK_SIZE) -> jnp.ndarray:
-  """Mean over all N examples of a loss that `batch_loss` averages per batch.
-
-  mean = (sum_c |c| batch_loss(c)) / N over chunks c of at most chunk_size
-  examples (N // chunk_size full chunks under `lax.map`, then the rest), so
-  memory is bounded and the result is exact for any N.
-  """
+def _padded(examples, size: int):
+  """(examples zero-padded to `size` rows, weights [size]: 1/N real, 0 pad)."""
   n = jax.tree_util.tree_leaves(examples)[0].shape[0]
-  full = n // chunk_size
-  total = jnp.zeros((), jnp.float32)
-  if full:
-    head = jax.tree_util.tree_map(
-        lambda a: a[:full * chunk_size].reshape(
-            (full, chunk_size) + a.shape[1:]), examples)
-    total += jnp.sum(jax.lax.map(batch_loss, head)) * chunk_size
-  if n % chunk_size:
-    tail = jax.tree_util.tree_map(lambda a: a[full * chunk_size:], examples)
-    total += batch_loss(tail) * (n % chunk_size)
-  return total / n
+  pad = lambda a: np.concatenate(  # noqa: E731
+      [a, np.zeros((size - n,) + a.shape[1:], a.dtype)])
+  weights = np.where(np.arange(size) < n, 1.0 / n, 0.0).astype(np.float32)
+  return jax.tree_util.tree_map(pad, examples), weights
+
+
+def exact_mean_loss(example_loss: Callable[[Any], jnp.ndarray], examples,
+                    weights, chunk_size: int) -> jnp.ndarray:
+  """sum_i weights_i example_loss(example_i), in chunks of chunk_size.
+
+  example_loss(one example, leaves without the batch axis) -> scalar;
+  examples: leaves [M, ...] with M a multiple of chunk_size; weights: [M]
+  (1/N on the N real examples, 0 on padding, so the sum is their exact mean
+  and padded splits of different sizes can share one compilation).
+  """
+  m = weights.shape[0]
+  chunked = jax.tree_util.tree_map(
+      lambda a: a.reshape((m // chunk_size, chunk_size) + a.shape[1:]),
+      (examples, weights))
+
+  def chunk_sum(xw):
+    x, w = xw
+    losses = jax.vmap(example_loss)(x)
+    return jnp.sum(jnp.where(w > 0, losses, 0.) * w)  # padding may be NaN
+
+  return jnp.sum(jax.lax.map(chunk_sum, chunked))
 
 
 def _inner_run(task, make_opt: Callable[[Any], opt_base.Optimizer],
@@ -113,8 +122,8 @@ def _inner_run(task, make_opt: Callable[[Any], opt_base.Optimizer],
 
   evals: {split: final loss}, or with eval_every {split: [T // eval_every + 1]}
   losses at steps 0, eval_every, 2 eval_every, ... (same draws as the final).
-  eval_data: {split: stacked batches}, or with chunk_size {split: the
-  split's examples} whose exact mean loss is taken.
+  eval_data: {split: stacked batches}, or with chunk_size {split:
+  (examples, weights)} whose exact weighted mean loss is taken.
   """
 
   def run(hyper, key, train_batches, eval_data):
@@ -137,10 +146,12 @@ def _inner_run(task, make_opt: Callable[[Any], opt_base.Optimizer],
       if not jax.tree_util.tree_leaves(batches):  # the task draws its own data
         return task.normalizer(
             task.loss_with_state(params, model_state, keys[-1], ())[0])
-      if chunk_size is not None:
+      if chunk_size is not None:  # (examples, weights): one at a time
         return task.normalizer(exact_mean_loss(
-            lambda b: task.loss_with_state(params, model_state, keys[-1],
-                                           b)[0], batches, chunk_size))
+            lambda x: task.loss_with_state(
+                params, model_state, keys[-1],
+                jax.tree_util.tree_map(lambda a: a[None], x))[0],
+            *batches, chunk_size))
       count = jax.tree_util.tree_leaves(batches)[0].shape[0]
       per_batch = jax.vmap(lambda k, b: task.loss_with_state(
           params, model_state, k, b)[0])(jax.random.split(keys[-1], count),
@@ -282,6 +293,23 @@ def _eval_data(task, index, splits, num_eval_batches, whole_splits,
   return {s: _whole_split(task, s, caps.get(s), seed=index) for s in splits}
 
 
+def _whole_eval_data(tasks, splits, max_eval_examples, chunk_size,
+                     same_model):
+  """Per task {split: (examples, weights)}, each split padded to a multiple of
+  chunk_size (with same_model: to the largest such size over the tasks, so
+  that one compilation serves them all)."""
+  raw = [_eval_data(task, i, splits, 0, True, max_eval_examples)
+         for i, task in enumerate(tasks)]
+  rows = lambda x: jax.tree_util.tree_leaves(x)[0].shape[0]  # noqa: E731
+  sizes = [{s: -(-rows(x) // chunk_size) * chunk_size for s, x in r.items()}
+           for r in raw]
+  if same_model:
+    top = {s: max(size[s] for size in sizes) for s in sizes[0]}
+    sizes = [top] * len(raw)
+  return [{s: _padded(x, size[s]) for s, x in r.items()}
+          for r, size in zip(raw, sizes)]
+
+
 def meta_test(tasks: Sequence[Any], lopt, thetas: Dict[str, Any],
               num_steps: int, key, num_eval_batches: int = 5,
               eval_every: Optional[int] = None, *,
@@ -337,11 +365,14 @@ def meta_test(tasks: Sequence[Any], lopt, thetas: Dict[str, Any],
   curves = {name: {} for name in order}
   chunk = eval_chunk_size if whole_splits else None
   compiled = {}  # (id(model task), group) -> jitted run
+  whole = (_whole_eval_data(tasks, splits, max_eval_examples,
+                            eval_chunk_size, same_model)
+           if whole_splits else None)
   for index, (task, task_key) in enumerate(
       zip(tasks, jax.random.split(key, len(tasks)))):
     train = _batches(task, "train", num_steps)
-    evals = _eval_data(task, index, splits, num_eval_batches, whole_splits,
-                       max_eval_examples)
+    evals = (whole[index] if whole_splits else
+             _eval_data(task, index, splits, num_eval_batches, False, None))
     task_rows = {}
     for g, group in enumerate(groups):
       model = tasks[0] if same_model else task
