@@ -341,7 +341,9 @@ def meta_test(tasks: Sequence[Any], lopt, thetas: Dict[str, Any],
     splits: dataset splits to evaluate; default `EVAL_SPLITS` (only "train"
       for tasks without datasets, whose loss draws its own data).
     whole_splits: the split loss is the exact mean over every example of
-      the split (`datasets.split_arrays`) instead of over sampled batches.
+      the split (`datasets.split_arrays`) instead of over sampled batches;
+      it evaluates the task's loss on one example at a time, so assumes the
+      loss is a mean of per-example terms (no batch statistics).
     max_eval_examples: with whole_splits, {split: cap}: a split larger than
       the cap is evaluated on a fixed random subset of that many examples
       (the same for every entry; seeded by the task's position).
