@@ -34,6 +34,7 @@ from learned_optimization.optimizers import base as opt_base
 from learned_optimization.outer_trainers import gradient_learner
 from learned_optimization.outer_trainers import truncation_schedule
 from pathology_fix import estimators
+from pathology_fix.runtime import evaluation
 from pathology_fix.runtime import outer_loop
 from pathology_fix import schedules
 from pathology_fix import tasks
@@ -44,7 +45,6 @@ SIGMA = 1e-4  # tiny: VariationalRP becomes truncated backprop
 OUTER_LR = 0.15  # Adam on log_lr: at most ~0.15 nats of lr per outer step
 STEPS_PER_JIT = 10
 BATCH_SIZE = 128
-GRID_CHUNK = 50  # inner steps per compiled grid chunk
 
 
 def make_family(seed):
@@ -57,41 +57,24 @@ def make_family(seed):
 def grid_search(family, lopt, lrs, num_seeds, total_steps, seed):
   """Training losses [num_lrs, num_seeds, total_steps] of Adam at fixed lrs.
 
-  All runs see the same batches (common random numbers); seeds differ in the
-  initialization only.
+  `meta_test` with the learning rates as one vmapped Sweep. Every seed is a
+  fresh copy of the task with the same datasets (so the same batch
+  sequence: common random numbers) and its own initialization; the first is
+  `family`'s own task, whose training iterator thus advances total_steps.
   """
-  task = family.task
   theta0 = lopt.init(jax.random.PRNGKey(0))
-  keys = jax.random.split(jax.random.PRNGKey(seed + 100), num_seeds)
   log_lrs = jnp.log(jnp.asarray(lrs, jnp.float32))
-
-  def init_one(log_lr, key):
-    opt = lopt.opt_fn(dict(theta0, log_lr=log_lr))
-    return opt.init(task.init(key), num_steps=total_steps)
-
-  def chunk_one(log_lr, state, batches):
-    opt = lopt.opt_fn(dict(theta0, log_lr=log_lr))
-
-    def step(state, batch):
-      loss, grad = jax.value_and_grad(task.loss)(
-          opt.get_params(state), jax.random.PRNGKey(0), batch)
-      return opt.update(state, grad, loss=loss), loss
-
-    return jax.lax.scan(step, state, batches)
-
-  over_seeds = lambda f, axes: jax.vmap(f, in_axes=axes)
-  init = jax.jit(jax.vmap(over_seeds(init_one, (None, 0)), in_axes=(0, None)))
-  chunk = jax.jit(jax.vmap(over_seeds(chunk_one, (None, 0, None)),
-                           in_axes=(0, 0, None)))
-  states = init(log_lrs, keys)
-  losses = []
-  it = family.datasets.train
-  for _ in tqdm(range(total_steps // GRID_CHUNK), desc="lr grid search"):
-    batches = [next(it) for _ in range(GRID_CHUNK)]
-    batches = jax.tree_util.tree_map(lambda *x: np.stack(x), *batches)
-    states, chunk_losses = chunk(log_lrs, states, batches)
-    losses.append(np.asarray(chunk_losses))  # [lrs, seeds, chunk]
-  return np.concatenate(losses, axis=-1)
+  thetas = jax.tree_util.tree_map(
+      lambda a: jnp.broadcast_to(a, log_lrs.shape + jnp.shape(a)), theta0)
+  sweep = evaluation.Sweep(lopt.opt_fn, dict(thetas, log_lr=log_lrs),
+                           tuple(f"{lr:.3g}" for lr in lrs))
+  seeds = [family.task] + [make_family(seed).task
+                           for _ in range(num_seeds - 1)]
+  out = evaluation.meta_test(seeds, None, {"lr": sweep}, total_steps,
+                             jax.random.PRNGKey(seed + 100), splits=(),
+                             same_model=True)
+  return np.stack([out.curves[name]["step_loss"]
+                   for name in evaluation.sweep_names("lr", sweep)])
 
 
 def parabola_vertex(log_x, y):

@@ -26,21 +26,19 @@ r"""E5: the paper's Fig. 1 (headline result) at a CPU budget.
 
 Writes results.json, summary.md and three plots to experiments/results/
 e5_headline/ (or --out). Shared code: experiments/lib/ (meta_training,
-bundles, baselines, analysis, plots).
+heldout, baselines, analysis, plots).
 """
 
 import itertools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from experiments.lib import analysis
 from experiments.lib import baselines
-from experiments.lib import bundles
 from experiments.lib import common
+from experiments.lib import heldout
 from experiments.lib import meta_training
 from experiments.lib import plots
 from experiments.lib.baselines import BASELINES, LRS
@@ -49,6 +47,7 @@ from learned_optimization.optimizers import base as opt_base
 from pathology_fix import estimators
 from pathology_fix import schedules
 from pathology_fix import tasks
+from pathology_fix.runtime import evaluation
 
 NAME = "e5_headline"
 
@@ -114,44 +113,41 @@ def main(argv=None):
   lopt_names = list(runs)
   t_meta = time.perf_counter() - t_start
 
-  # 2. Held-out evaluation.
-  bundle = bundles.build_bundle(
-      heldout_specs(cfg, args.seed), steps=steps,
-      batch_size=cfg["batch_size"],
-      train_eval_examples=cfg["train_eval_examples"])
+  # 2. Held-out evaluation: whole splits (train capped), per-task init and
+  # batch order shared by every optimizer, each baseline's grid vmapped.
+  task_names, heldout_tasks = heldout.make_tasks(
+      heldout_specs(cfg, args.seed), cfg["batch_size"])
   lopt = runs[lopt_names[0]]["lopt"]
-  thetas = jax.tree_util.tree_map(lambda *a: jnp.stack(a),
-                                  *[runs[n]["theta"] for n in lopt_names])
-  curves = {}
-  for name in tqdm(BASELINES, desc="baselines", leave=False):
-    curves[name] = bundles.train_curves(
-        bundle, lambda lr, name=name: baselines.optax_optimizer(name, lr),
-        jnp.asarray(LRS), steps, cfg["eval_every"])
-  both = bundles.train_curves(
-      bundle, lambda th: bundles.learned_optimizer(lopt, th, steps),
-      thetas, steps, cfg["eval_every"])
-  for i, name in enumerate(lopt_names):
-    curves[name] = both[:, i:i + 1]
+  entries = dict(baselines.sweeps())
+  entries.update({n: runs[n]["theta"] for n in lopt_names})
+  evaluated = evaluation.meta_test(
+      heldout_tasks, lopt, entries, steps, jax.random.PRNGKey(args.seed + 300),
+      eval_every=cfg["eval_every"], splits=analysis.SPLITS, whole_splits=True,
+      max_eval_examples={"train": cfg["train_eval_examples"]},
+      same_model=True)  # one architecture: compiled once per optimizer
+  curves = {n: analysis.stack_curves(evaluated, evaluation.sweep_names(
+      n, entries[n])) for n in BASELINES}
+  curves.update({n: analysis.stack_curves(evaluated, [n]) for n in lopt_names})
   t_eval = time.perf_counter() - t_start - t_meta
 
   # 3. Speed: inner steps per second.
-  rates = bundles.measure_steps_per_second(
-      bundle,
+  rates = heldout.measure_steps_per_second(
+      heldout_tasks[0],
       {"learned": lopt.opt_fn(runs[lopt_names[0]]["theta"]),
        "Adam": opt_base.Adam(1e-3), "RMSProp": opt_base.RMSProp(1e-3),
        "SGDM": opt_base.SGDM(1e-2)},
       cfg["timing_steps"], cfg["timing_repeats"])
   steps_axis = np.arange(curves["Adam"].shape[2]) * cfg["eval_every"]
   result = analysis.analyse(curves, lopt_names, steps_axis, rates,
-                            bundle.names)
+                            task_names)
 
   for kind in ("steps", "time"):
     plots.plot_curves(out_dir, result, steps_axis, lopt_names, kind)
-  plots.plot_wins(out_dir, result, bundle.names, lopt_names[0])
+  plots.plot_wins(out_dir, result, task_names, lopt_names[0])
   t_total = time.perf_counter() - t_start
 
   numbers = dict(
-      config=cfg, seed=args.seed, task_names=bundle.names,
+      config=cfg, seed=args.seed, task_names=task_names,
       learning_rates=list(LRS), steps_axis=steps_axis,
       steps_per_second=rates,
       overhead_ratio_learned_vs_adam=rates["learned"] / rates["Adam"],

@@ -33,14 +33,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.lib import bundles
+from experiments.lib import analysis
 from experiments.lib import common
+from experiments.lib import heldout
 from experiments.lib import meta_training
 from pathology_fix import estimators
 from pathology_fix import schedules
 from pathology_fix import tasks
+from pathology_fix.runtime import evaluation
 
 NAME = "e6_ablations"
+EVAL_SPLITS = ("outer_valid", "test")  # curves' last axis, in order
 
 FULL = dict(
     batch_size=128, inner_steps=1000, num_tasks=10,
@@ -126,11 +129,9 @@ def main(argv=None):
                                      meta_training.NUM_CLASSES))
   rng = np.random.default_rng(args.seed + 7)
   picks = rng.choice(len(pool), cfg["eval_tasks"], replace=False)
-  bundle = bundles.build_bundle(
+  names, eval_tasks = heldout.make_tasks(
       [("fashion_mnist", pool[i], args.seed + 500 + j)
-       for j, i in enumerate(picks)],
-      steps=steps, batch_size=cfg["batch_size"],
-      eval_splits=("outer_valid", "test"))
+       for j, i in enumerate(picks)], cfg["batch_size"])
   index = []  # (variant, checkpoint row)
   thetas = []
   for label, run in runs.items():
@@ -142,10 +143,16 @@ def main(argv=None):
       index.append((label, done, secs, outer))
       thetas.append(theta)
   lopt = runs[specs[0][0]]["lopt"]
-  stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *thetas)
-  curves = bundles.train_curves(
-      bundle, lambda th: bundles.learned_optimizer(lopt, th, steps), stacked,
-      steps, cfg["eval_every"])  # [tasks, H, evals, 2]
+  checkpoints = evaluation.Sweep(
+      lopt.opt_fn, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *thetas),
+      tuple(str(i) for i in range(len(thetas))))
+  evaluated = evaluation.meta_test(
+      eval_tasks, None, {"checkpoint": checkpoints}, steps,
+      jax.random.PRNGKey(args.seed + 500), eval_every=cfg["eval_every"],
+      splits=EVAL_SPLITS, whole_splits=True, same_model=True)
+  curves = analysis.stack_curves(
+      evaluated, evaluation.sweep_names("checkpoint", checkpoints),
+      EVAL_SPLITS)  # [tasks, checkpoints, evals, 2]
   # Meta-loss: outer_valid loss averaged over the run (steps > 0) and tasks.
   valid = np.where(np.isfinite(curves[..., 0]), curves[..., 0], np.nan)
   meta = np.nanmean(valid[:, :, 1:], axis=(0, 2))
@@ -171,7 +178,7 @@ def main(argv=None):
 
   _plots(out_dir, table)
   numbers = dict(config=cfg, seed=args.seed, curriculum_outer_steps=n_curr,
-                 eval_tasks=bundle.names, variants=table,
+                 eval_tasks=names, variants=table,
                  ranking=sorted(table, key=lambda l: table[l]
                                 ["final_eval_meta_loss"]),
                  seconds=dict(warm_up_compile=t_warm, training=t_train,

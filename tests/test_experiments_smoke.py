@@ -102,3 +102,21 @@ def test_quick_mode_writes_plots_and_finite_results(module, pngs, tmp_path):
   assert list(json_numbers(results))
   bad = non_finite(results)
   assert not bad, f"non-finite numbers: {bad[:10]}"
+
+
+def test_stack_curves_puts_names_and_splits_on_their_axes():
+  # E5 / E6 read meta_test's curves as [tasks, names, evals, splits].
+  from experiments.lib import analysis  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  class Result:
+    curves = {n: {f"{s}_loss": np.random.default_rng(i * 10 + j).random(
+        (2, 5)) for j, s in enumerate(("train", "test"))}
+              for i, n in enumerate(("a", "b", "c"))}
+
+  out = analysis.stack_curves(Result, ["c", "a"], ("test", "train"))
+  assert out.shape == (2, 2, 5, 2)
+  for h, name in enumerate(["c", "a"]):
+    for k, split in enumerate(("test", "train")):
+      np.testing.assert_array_equal(out[:, h, :, k],
+                                    Result.curves[name][f"{split}_loss"])

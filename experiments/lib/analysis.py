@@ -6,8 +6,18 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 
 from experiments.lib.baselines import BASELINES, LRS
-from experiments.lib.bundles import SPLITS
 from experiments.lib.meta_training import NUM_CLASSES
+
+
+SPLITS = ("train", "inner_valid", "test")  # E5's curves' last axis, in order
+
+
+def stack_curves(result, names: Sequence[str],
+                 splits: Sequence[str] = SPLITS) -> np.ndarray:
+  """float [tasks, len(names), evals, len(splits)] from a `meta_test` result
+  run with eval_every: the split losses at steps 0, eval_every, ..."""
+  return np.stack([np.stack([result.curves[n][f"{s}_loss"] for s in splits],
+                            axis=-1) for n in names], axis=1)
 
 
 def _nan_to_inf(a):
