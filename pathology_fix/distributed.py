@@ -110,13 +110,13 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
-def broadcast_seed(seed: int) -> int:
-  """Process 0's seed on every process (a seed drawn at random differs)."""
+def broadcast_int(value: int) -> int:
+  """Process 0's value on every process (e.g. a seed drawn at random)."""
   if jax.process_count() == 1:
-    return int(seed)
+    return int(value)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  return int(multihost_utils.broadcast_one_to_all(np.int64(seed)))
+  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
 def barrier(name: str):
@@ -124,3 +124,7 @@ def barrier(name: str):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
+
+
+class DistributedError(RuntimeError):
+  """The processes could not join, or one of them died during the run."""
