@@ -45,6 +45,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import gin
+import jax
 
 import pathology_fix  # pylint: disable=unused-import  # compat before LO
 from learned_optimization import outer_train  # pylint: disable=g-bad-import-order
@@ -343,7 +344,30 @@ def _parse_gin(make_dir: bool = True):
     raise UsageError(f"gin config: {_one_line(e)}") from e
 
 
+# How a collective with a dead peer fails (gloo / NCCL see the connection
+# close; the coordination service's heartbeat catches silent ones).
+_PEER_FAILURE = re.compile(
+    r"Gloo|NCCL|Connection (closed|reset)|heartbeat|coordination service|"
+    r"UNAVAILABLE|DEADLINE_EXCEEDED", re.IGNORECASE)
+
+
 def _train():
+  try:
+    _run_train()
+  except UsageError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    if jax.process_count() > 1 and _PEER_FAILURE.search(str(e)):
+      raise distributed.DistributedError(
+          f"process {jax.process_index()} of {jax.process_count()} stopped: "
+          f"another process is gone ({str(e).strip().splitlines()[0]}). "
+          f"The checkpoints in "
+          f"{FLAGS.train_log_dir} are complete: rerun every process to "
+          "resume") from e
+    raise
+
+
+def _run_train():
   with local_training.installed():
     try:
       outer_train.run_train(FLAGS.train_log_dir)
