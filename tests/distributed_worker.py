@@ -24,6 +24,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from learned_optimization.learned_optimizers import base as lopt_base  # pylint: disable=g-import-not-at-top
+  from learned_optimization.outer_trainers import gradient_learner  # pylint: disable=g-import-not-at-top
   from learned_optimization.outer_trainers import truncation_schedule  # pylint: disable=g-import-not-at-top
   from pathology_fix import estimators  # pylint: disable=g-import-not-at-top
   from pathology_fix import tasks  # pylint: disable=g-import-not-at-top
@@ -38,10 +39,8 @@ def main(argv):
       meta_loss_split="outer_valid", meta_loss_evals=2)
   learner = outer_loop.learner(lopt)
   state = learner.init(jax.random.PRNGKey(0))
-  theta0 = outer_loop.theta(learner, state)
-  from learned_optimization.outer_trainers import gradient_learner  # pylint: disable=g-import-not-at-top
   weights = gradient_learner.WorkerWeights(
-      theta=theta0, theta_model_state=None,
+      theta=outer_loop.theta(learner, state), theta_model_state=None,
       outer_state=gradient_learner.OuterState(0))
   first, _ = est.compute_gradient_estimate(
       weights, jax.random.PRNGKey(7), est.init_worker_state(
