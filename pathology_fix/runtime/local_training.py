@@ -318,7 +318,10 @@ def _estimator_groups(num_estimators: int,
 
 
 def _resolve_seed(seed: Optional[int]) -> int:
-  return secrets.randbits(31) if seed is None else int(seed)
+  if seed is not None:
+    return int(seed)
+  # One seed for all processes: each would draw a different one.
+  return distributed.broadcast_int(secrets.randbits(31))
 
 
 def _restore_everywhere(train_log_dir: str, template):
@@ -477,8 +480,7 @@ def local_train(
   estimator_groups = _estimator_groups(num_estimators,
                                        run_num_estimators_per_gradient)
   os.makedirs(train_log_dir, exist_ok=True)
-  # One seed for all processes: a drawn one would differ between them.
-  seed = distributed.broadcast_int(_resolve_seed(seed))
+  seed = _resolve_seed(seed)
   logging.info("Seed: %d", seed)
   init_key, estimators_key, base_key = jax.random.split(
       jax.random.PRNGKey(seed), 3)
