@@ -76,14 +76,17 @@ def _time_steps(num_samples: int, steps: int, seed: int) -> dict:
   run = outer_loop.run(learner, [est], learner.init(jax.random.PRNGKey(seed)),
                        steps + 1, jax.random.PRNGKey(seed + 1),
                        unroll_key=jax.random.PRNGKey(seed + 2))
-  times, start = [], time.perf_counter()
+  times, cpu_times = [], []
+  start, cpu_start = time.perf_counter(), time.process_time()
   for out in run:
     jax.block_until_ready(outer_loop.theta(learner, out.learner_state))
-    now = time.perf_counter()
+    now, cpu_now = time.perf_counter(), time.process_time()
     times.append(now - start)
-    start = now
+    cpu_times.append(cpu_now - cpu_start)
+    start, cpu_start = now, cpu_now
   return {"n": num_samples, "warmup_s": times[0],
           "median_step_s": statistics.median(times[1:]),
+          "median_step_cpu_s": statistics.median(cpu_times[1:]),
           "split": est.unroller.sharding.active}
 
 
@@ -92,9 +95,8 @@ def _worker(args):
   if args.coordinator:
     distributed.initialize(args.coordinator, args.processes, args.process_id)
   rows = [_time_steps(n, args.steps, args.seed) for n in args.samples]
-  if distributed.is_primary():
-    with open(args.worker, "w") as f:
-      json.dump(rows, f)
+  with open(f"{args.worker}.{args.process_id}", "w") as f:
+    json.dump(rows, f)
 
 
 def _worker_env(gpus: bool, process_id: int) -> dict:
@@ -104,7 +106,10 @@ def _worker_env(gpus: bool, process_id: int) -> dict:
 
 
 def _measure(args, num_processes: int, tmp: str) -> list:
-  """Runs the workers of one process count; returns process 0's rows."""
+  """Runs the workers of one process count.
+
+  Returns process 0's rows, with CPU time summed over the processes.
+  """
   import portpicker  # pylint: disable=g-import-not-at-top
   out = f"{tmp}/p{num_processes}.json"
   base = [sys.executable, "-m", "experiments.bench_distributed", "--worker",
@@ -125,8 +130,15 @@ def _measure(args, num_processes: int, tmp: str) -> list:
       if p.poll() is None:
         p.kill()
         p.wait()
-  with open(out) as f:
-    return json.load(f)
+  per_process = []
+  for i in range(num_processes):
+    with open(f"{out}.{i}") as f:
+      per_process.append(json.load(f))
+  rows = per_process[0]
+  for i, row in enumerate(rows):
+    row["median_step_cpu_s"] = sum(p[i]["median_step_cpu_s"]
+                                   for p in per_process)
+  return rows
 
 
 def _summary(rows, args) -> str:
@@ -137,12 +149,19 @@ def _summary(rows, args) -> str:
       f"{args.steps} outer steps after a warm-up step; one CPU device per "
       "process, all on this machine (they share its cores).",
       "",
-      f"| n | 1 process (s) | {args.processes} processes (s) | ratio |",
-      "|---|---|---|---|",
+      "Wall: process 0's step time. CPU: the step's CPU time summed over "
+      "the processes (robust to other jobs on a shared machine; a ratio "
+      "above 1 is the cost of splitting: collectives, per-process data).",
+      "",
+      f"| n | wall, 1 process (s) | wall, {args.processes} processes (s) | "
+      "wall ratio | CPU, 1 process (s) | CPU, all processes (s) | CPU ratio |",
+      "|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     lines.append(f"| {r['n']} | {r['one_process_s']:.3f} | "
-                 f"{r['multi_process_s']:.3f} | {r['ratio']:.2f} |")
+                 f"{r['multi_process_s']:.3f} | {r['ratio']:.2f} | "
+                 f"{r['one_process_cpu_s']:.3f} | "
+                 f"{r['multi_process_cpu_s']:.3f} | {r['cpu_ratio']:.2f} |")
   return "\n".join(lines)
 
 
@@ -158,6 +177,9 @@ def main(argv=None):
   rows = [{"n": a["n"], "one_process_s": a["median_step_s"],
            "multi_process_s": b["median_step_s"],
            "ratio": b["median_step_s"] / a["median_step_s"],
+           "one_process_cpu_s": a["median_step_cpu_s"],
+           "multi_process_cpu_s": b["median_step_cpu_s"],
+           "cpu_ratio": b["median_step_cpu_s"] / a["median_step_cpu_s"],
            "multi_process_split": b["split"]} for a, b in zip(one, many)]
   common.finish(out_dir, {"rows": rows, "processes": args.processes,
                           "steps": args.steps}, _summary(rows, args),

@@ -28,8 +28,9 @@ run the same command in every process, adding
 environment is a multi-process SLURM step, Open MPI launch or multi-host Cloud
 TPU, which JAX configures itself from. The estimators' samples are split over
 all processes' devices; only process 0 writes DIR. A process that dies makes
-the others stop with one `error:` line (status 1) within
---heartbeat_timeout_s; rerun all of them to resume.
+the others stop with one `error:` line (status 1) as soon as their next
+collective fails (a silent peer: after --heartbeat_timeout_s, with JAX's own
+message); rerun all of them to resume.
 """
 
 import importlib
