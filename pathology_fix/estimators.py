@@ -238,8 +238,7 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
         remat_memory_budget_mb=remat_memory_budget_mb,
         shard_samples=shard_samples,
         max_num_chunks=max_truncation_chunks(truncation_length, steps_per_jit))
-    self._sample_eps = jax.jit(
-        variational.sample_perturbations, static_argnames=("num_samples",))
+    self._sample_eps = jax.jit(self._sample_split_eps)
     self._finish = jax.jit(self._finish_step)
 
   def task_name(self):  # LO main names metrics with these
@@ -262,8 +261,14 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
     """
     key_eps = jax.random.split(key, 4)[2]
     theta, key_eps = self.unroller.sharding.replicate((theta, key_eps))
-    return self._sample_eps(key_eps, theta, self.sigma,
-                            num_samples=self.num_tasks)
+    return self._sample_eps(key_eps, theta)
+
+  def _sample_split_eps(self, key, theta):
+    # Split like the samples: each device draws only its own eps_i (jax's
+    # partitionable threefry gives the same values on any device count).
+    eps = variational.sample_perturbations(key, theta, self.sigma,
+                                           num_samples=self.num_tasks)
+    return self.unroller.sharding.constrain(eps, axis=0)
 
   def draw_truncation_length(self, key, outer_iteration: int,
                              steps_left: int) -> int:

@@ -159,11 +159,11 @@ class InnerProblems:
     """Resets finished inner problems; returns (state, steps left [n] numpy)."""
     theta, outer_state, key = self.sharding.replicate((theta, outer_state, key))
     state, steps_left = self._prepare(theta, state, outer_state, key)
-    return state, np.asarray(steps_left)
+    return state, self.sharding.to_host(steps_left)
 
-  @staticmethod
-  def steps_left(state: VariationalUnrollState) -> np.ndarray:
-    return np.asarray(state.truncation_state.length - state.inner_step)
+  def steps_left(self, state: VariationalUnrollState) -> np.ndarray:
+    return self.sharding.to_host(state.truncation_state.length -
+                                 state.inner_step)
 
   # One inner step of one unroll, and a chunk of them for all 2n unrolls.
 

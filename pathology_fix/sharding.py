@@ -1,4 +1,4 @@
-"""Splits an estimator's n samples across the local devices.
+"""Splits an estimator's n samples across the devices of every process.
 
 The n samples (antithetic pairs) of one outer step are independent until
 `estimators.combine_samples` averages over them, so the unrolls need no
@@ -11,9 +11,22 @@ Sample-axis positions: inner states, task params, eps: axis 0 ([n, ...]);
 antithetic pairs (theta_pair, paired opt states, losses): axis 1 ([2, n, ...]);
 chunk data and keys: axis 1 ([steps, n, ...]).
 
-If n is not divisible by the number of local devices the samples stay on one
+If n is not divisible by the number of devices the samples stay on one
 device and a warning says why: a config that works on one machine keeps
 working on another with a different device count.
+
+Several processes (`jax.distributed`, see `distributed.py`): the mesh holds
+all processes' devices, in `jax.devices()` order, so process p owns a
+contiguous block of samples. Everything drawn inside jitted code (tasks,
+inner initializations, perturbations, inner keys) is computed by SPMD for
+the owned samples only; host batches come from each process's own copy of
+the (seeded) data stream, which reads all n samples' batches and places only
+its own slice (`put`). The merge's means and variances over samples are
+all-reduces across processes inside `combine_samples`' jitted step, and what
+leaves the estimator (`to_default_device`) is the same value on every
+process, so LO's outer optimizer keeps theta identical everywhere. In a
+multi-process run n must be divisible by the global device count (an error
+otherwise: no process can run the others' samples).
 """
 
 import warnings
@@ -22,6 +35,7 @@ from typing import Any, Optional, Sequence
 import jax
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 import numpy as np
 
@@ -35,9 +49,18 @@ class SampleSharding:
                num_samples: int,
                enabled: bool = True,
                devices: Optional[Sequence[Any]] = None):
-    devices = list(devices) if devices is not None else jax.local_devices()
+    multi_process = jax.process_count() > 1
+    if devices is None:
+      devices = jax.devices() if enabled else jax.local_devices()
+    devices = list(devices)
     self.num_samples = int(num_samples)
     self.mesh = None
+    if enabled and multi_process and self.num_samples % len(devices):
+      raise ValueError(
+          f"num_tasks ({self.num_samples}) must be a multiple of the "
+          f"{len(devices)} devices of the {jax.process_count()} processes "
+          "to split the samples across them (e.g. "
+          f"{len(devices) * max(1, self.num_samples // len(devices))})")
     if enabled and len(devices) > 1:
       if self.num_samples % len(devices):
         warnings.warn(
@@ -64,12 +87,30 @@ class SampleSharding:
     spec[axis] = SAMPLE_AXIS
     return NamedSharding(self.mesh, PartitionSpec(*spec))
 
+  @property
+  def spans_processes(self) -> bool:
+    return self.mesh is not None and not self.named_sharding(
+        0, 0).is_fully_addressable
+
+  def _to_mesh(self, x, sharding: NamedSharding):
+    """device_put, or for a mesh over processes: this process's slices of x.
+
+    x (numpy, or an array on this process's devices) must hold the same
+    value on every process; only the slices of the local devices are read.
+    """
+    if not self.spans_processes or (isinstance(x, jax.Array) and
+                                    not x.is_fully_addressable):
+      return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding,
+                                        lambda index: host[index])
+
   def put(self, tree, axis: int = 0):
     """Moves a pytree onto the mesh, split along `axis` (outside jit)."""
     if not self.active:
       return tree
     return jax.tree_util.tree_map(
-        lambda x: jax.device_put(x, self.named_sharding(np.ndim(x), axis)),
+        lambda x: self._to_mesh(x, self.named_sharding(np.ndim(x), axis)),
         tree)
 
   def constrain(self, tree, axis: int = 0):
@@ -91,12 +132,32 @@ class SampleSharding:
     replicated = NamedSharding(self.mesh, PartitionSpec())
     # Python scalars are never committed; leave them (and their types) alone.
     return jax.tree_util.tree_map(
-        lambda x: x if isinstance(x, (bool, int, float)) else jax.device_put(
+        lambda x: x if isinstance(x, (bool, int, float)) else self._to_mesh(
             x, replicated), tree)
 
   def to_default_device(self, tree):
-    """Results for LO's outer loop, which accumulates them on one device."""
+    """Results for LO's outer loop, which accumulates them on one device.
+
+    Over several processes every process gets the whole value: replicated
+    arrays (the merged gradient, the metrics) from a local copy, sample-split
+    ones (per-sample losses, task params) gathered from all processes.
+    """
     if not self.active:
       return tree
     device = jax.local_devices()[0]
-    return jax.tree_util.tree_map(lambda x: jax.device_put(x, device), tree)
+
+    def local(x):
+      if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:
+          x = x.addressable_data(0)
+        else:
+          x = multihost_utils.process_allgather(x, tiled=True)
+      return jax.device_put(x, device)
+
+    return jax.tree_util.tree_map(local, tree)
+
+  def to_host(self, x) -> np.ndarray:
+    """A numpy copy of a whole (possibly sample-split) array, on every process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

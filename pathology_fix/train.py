@@ -18,6 +18,19 @@ raises while gin builds the run (a bad value: the line names the gin binding).
 --verbose adds the Python traceback. Ctrl-C saves a checkpoint and exits with
 status 130. Logging shows warnings only; pass --verbosity=0 for LO's INFO
 messages.
+
+Several processes (JAX's multi-controller runtime, `pathology_fix.distributed`):
+run the same command in every process, adding
+
+  --coordinator_address HOST:PORT --num_processes P --process_id I
+
+(HOST:PORT is process 0's). Without them the run is one process, unless the
+environment is a multi-process SLURM step, Open MPI launch or multi-host Cloud
+TPU, which JAX configures itself from. The estimators' samples are split over
+all processes' devices; only process 0 writes DIR. A process that dies makes
+the others stop with one `error:` line (status 1) as soon as their next
+collective fails (a silent peer: after --heartbeat_timeout_s, with JAX's own
+message); rerun all of them to resume.
 """
 
 import importlib
@@ -33,11 +46,13 @@ from absl import app
 from absl import flags
 from absl import logging
 import gin
+import jax
 
 import pathology_fix  # pylint: disable=unused-import  # compat before LO
 from learned_optimization import outer_train  # pylint: disable=g-bad-import-order
 from learned_optimization import setup_experiment  # pylint: disable=g-bad-import-order  # defines the flags
 from pathology_fix import data
+from pathology_fix import distributed
 from pathology_fix import lo_api
 from pathology_fix.runtime import local_training
 
@@ -48,7 +63,20 @@ flags.DEFINE_boolean(
     "On bad input or config, print the Python traceback before the one-line "
     "error.")
 
+flags.DEFINE_string(
+    "coordinator_address", None,
+    "Several processes: HOST:PORT of process 0's coordinator (jax.distributed).")
+flags.DEFINE_integer("num_processes", None,
+                     "Several processes: how many take part.")
+flags.DEFINE_integer("process_id", None,
+                     "Several processes: this one's index, 0..num_processes-1.")
+flags.DEFINE_integer(
+    "heartbeat_timeout_s", distributed.DEFAULT_HEARTBEAT_TIMEOUT_S,
+    "Several processes: a process silent this long counts as dead and the "
+    "others stop.")
+
 USAGE_EXIT_CODE = 2
+FAILED_EXIT_CODE = 1
 INTERRUPTED_EXIT_CODE = 130
 
 # What gin raises for a bad config: unknown configurable/parameter/reference
@@ -209,7 +237,28 @@ def _check_flags(argv):
       importlib.import_module(module)
     except ImportError as e:
       raise UsageError(f"--gin_import {module}: {_one_line(e)}") from e
+  if FLAGS.heartbeat_timeout_s < 1:
+    raise UsageError(f"--heartbeat_timeout_s ({FLAGS.heartbeat_timeout_s}) "
+                     "must be >= 1")
+  try:
+    distributed.validate(FLAGS.coordinator_address, FLAGS.num_processes,
+                         FLAGS.process_id)
+  except ValueError as e:
+    raise UsageError(str(e)) from e
   _check_resumable(FLAGS.train_log_dir)
+
+
+def _join_processes():
+  """jax.distributed set-up (before any JAX computation); see distributed.py."""
+  try:
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                           FLAGS.process_id,
+                           heartbeat_timeout_s=FLAGS.heartbeat_timeout_s)
+  except (RuntimeError, ValueError) as e:
+    raise distributed.DistributedError(
+        f"cannot join the {FLAGS.num_processes or 'detected'} processes at "
+        f"{FLAGS.coordinator_address or 'the detected coordinator'}: "
+        f"{_one_line(e)}") from e
 
 
 def _check_resumable(train_log_dir: str):
@@ -266,6 +315,8 @@ class _RunDirectory:
       return set()
 
   def restore(self):
+    if not distributed.is_primary():
+      return  # process 0 owns the directory
     if self.created_root:
       shutil.rmtree(self.created_root, ignore_errors=True)
       return
@@ -280,7 +331,7 @@ class _RunDirectory:
           os.path.join(self.path, "config.gin"), self.config)
 
 
-def _parse_gin():
+def _parse_gin(make_dir: bool = True):
   """LO's flag/gin set-up, but failing on unknown configurables and params."""
   # `include 'other.gin'` resolves beside the including file.
   for path in FLAGS.config_file or []:
@@ -289,12 +340,35 @@ def _parse_gin():
     # Config files are translated as gin reads them (lo_api.install).
     FLAGS.gin_bindings = lo_api.translate_bindings(FLAGS.gin_bindings or [])
     setup_experiment.setup_experiment(
-        gin_finalize=True, gin_skip_unknown=False, make_dir=True)
+        gin_finalize=True, gin_skip_unknown=False, make_dir=make_dir)
   except _GIN_PARSE_ERRORS as e:
     raise UsageError(f"gin config: {_one_line(e)}") from e
 
 
+# How a collective with a dead peer fails (gloo / NCCL see the connection
+# close; the coordination service's heartbeat catches silent ones).
+_PEER_FAILURE = re.compile(
+    r"Gloo|NCCL|Connection (closed|reset)|heartbeat|coordination service|"
+    r"UNAVAILABLE|DEADLINE_EXCEEDED", re.IGNORECASE)
+
+
 def _train():
+  try:
+    _run_train()
+  except UsageError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    if jax.process_count() > 1 and _PEER_FAILURE.search(str(e)):
+      raise distributed.DistributedError(
+          f"process {jax.process_index()} of {jax.process_count()} stopped: "
+          f"another process is gone ({str(e).strip().splitlines()[0]}). "
+          f"The checkpoints in "
+          f"{FLAGS.train_log_dir} are complete: rerun every process to "
+          "resume") from e
+    raise
+
+
+def _run_train():
   with local_training.installed():
     try:
       outer_train.run_train(FLAGS.train_log_dir)
@@ -327,13 +401,22 @@ def main(argv):
   run_directory = None
   try:
     _check_flags(argv)
+    _join_processes()
     run_directory = _RunDirectory(FLAGS.train_log_dir)
-    _parse_gin()
+    # Every process parses (and rejects a bad config by itself); process 0
+    # makes the directory the others then write config.gin into.
+    _parse_gin(make_dir=distributed.is_primary())
+    distributed.barrier("pathology_fix_run_directory")
     _train()
   except UsageError as e:
     if run_directory is not None and not run_directory.trained():
       run_directory.restore()
     return _report(e)
+  except distributed.DistributedError as e:
+    sys.stdout.flush()
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    # Collectives with a dead peer can block interpreter shutdown: don't wait.
+    os._exit(FAILED_EXIT_CODE)  # pylint: disable=protected-access
   except KeyboardInterrupt:
     print(f"error: interrupted; the last state is checkpointed in "
           f"{FLAGS.train_log_dir}: rerun the same command to resume",

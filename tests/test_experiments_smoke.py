@@ -29,6 +29,7 @@ QUICK_SCRIPTS = [
     ("experiments.e6_ablations",
      ("meta_loss_vs_outer_step.png", "meta_loss_vs_wallclock.png")),
     ("experiments.bench_data", ()),
+    ("experiments.bench_distributed", ()),
 ]
 # Only stops hangs: a cold start compiles for a minute on busy cores.
 TIMEOUT_S = 900

@@ -21,6 +21,12 @@ What a train_log_dir holds afterwards:
 Checkpoints are written atomically (`<name>.tmp`, fsync, rename), so a kill at
 any moment leaves the previous ones intact; a resumed run restores the newest
 readable one, and drops later metrics so step numbers stay monotone.
+
+Several processes (`pathology_fix.distributed`): every process runs this loop
+on the same train_log_dir (a shared filesystem); only process 0 writes it
+(checkpoints, params, metrics.jsonl, TensorBoard). All processes restore
+process 0's newest checkpoint before it writes again, and stop with an error
+if they restored different steps (the directory is not shared).
 """
 
 import collections
@@ -45,6 +51,7 @@ from learned_optimization.outer_trainers import gradient_learner
 import numpy as onp
 import tqdm
 
+from pathology_fix import distributed
 from pathology_fix import lo_api
 from pathology_fix.runtime import outer_loop
 
@@ -311,7 +318,33 @@ def _estimator_groups(num_estimators: int,
 
 
 def _resolve_seed(seed: Optional[int]) -> int:
-  return secrets.randbits(31) if seed is None else int(seed)
+  if seed is not None:
+    return int(seed)
+  # One seed for all processes: each would draw a different one.
+  return distributed.broadcast_int(secrets.randbits(31))
+
+
+def _restore_everywhere(train_log_dir: str, template):
+  """`restore_latest_checkpoint` in every process, process 0 (which cleans up) first.
+
+  Returns before process 0 writes anything, so all restore the same step.
+  """
+  primary = distributed.is_primary()
+  restored = restore_latest_checkpoint(train_log_dir, template) if primary else None
+  distributed.barrier("pathology_fix_restore_primary")
+  if not primary:
+    restored = restore_latest_checkpoint(train_log_dir, template)
+  distributed.barrier("pathology_fix_restore_all")
+  step = -1 if restored is None else int(
+      restored[0].gradient_learner_state.theta_opt_state.iteration)
+  primary_step = distributed.broadcast_int(step)
+  if step != primary_step:
+    raise CheckpointError(
+        f"process {jax.process_index()} restored step {step} from "
+        f"{train_log_dir} but process 0 restored step {primary_step} (-1: "
+        "none): every process needs the same train_log_dir on a shared "
+        "filesystem")
+  return restored
 
 
 def _restore_or_init(train_log_dir: str,
@@ -321,7 +354,7 @@ def _restore_or_init(train_log_dir: str,
   state = outer_learner.init(init_key)
   template = gradient_learner.OptCheckpoint(
       state, elapsed_time=onp.asarray(0.0, onp.float64), total_inner_steps=0)
-  restored = restore_latest_checkpoint(train_log_dir, template)
+  restored = _restore_everywhere(train_log_dir, template)
   if restored is None:
     return state, 0.0, 0, None
   checkpoint_data, restored_path = restored
@@ -333,7 +366,12 @@ def _restore_or_init(train_log_dir: str,
 def _open_summaries(train_log_dir: str,
                     outer_learner: gradient_learner.GradientLearner,
                     learner_state, restored: bool):
-  """metrics.jsonl and TensorBoard, continued after a restored step."""
+  """metrics.jsonl and TensorBoard, continued after a restored step.
+
+  Processes other than 0 get writers that discard everything.
+  """
+  if not distributed.is_primary():
+    return _Discard(), _Discard()
   step = int(learner_state.theta_opt_state.iteration)
   metrics_log = MetricsLog(
       os.path.join(train_log_dir, METRICS_FILE),
@@ -347,6 +385,15 @@ def _open_summaries(train_log_dir: str,
         lambda x: (tuple(onp.shape(x)), str(jnp.asarray(x).dtype)), theta)
     summary_writer.text("theta_structure", str(shapes), step=0)
   return metrics_log, summary_writer
+
+
+class _Discard:
+  """MetricsLog and summary writer of the processes that do not write."""
+
+  def write(self, *args, **kwargs):
+    pass
+
+  scalar = histogram = text = close = write
 
 
 def _step_summary(out: outer_loop.OuterStep,
@@ -437,19 +484,9 @@ def local_train(
   logging.info("Seed: %d", seed)
   init_key, estimators_key, base_key = jax.random.split(
       jax.random.PRNGKey(seed), 3)
-  progress = _Progress(train_log_dir, outer_learner, keep,
-                       *_restore_or_init(train_log_dir, outer_learner, init_key))
+  progress = _start(train_log_dir, outer_learner, keep, init_key, seed,
+                    num_steps)
   start_step = progress.step
-  # LO draws from numpy's global RNG (estimator resampling, event sampling).
-  onp.random.seed((seed + start_step) % 2**32)
-  if progress.restored_path is None:
-    print(f"Starting meta-training in {train_log_dir} (seed {seed}).",
-          flush=True)
-    progress.save()
-  else:
-    print(f"Resuming from {progress.restored_path}: outer step {start_step} "
-          f"of {num_steps} (seed {seed}).", flush=True)
-    progress.last_saved_step = start_step
   metrics_log, summary_writer = _open_summaries(
       train_log_dir, outer_learner, progress.learner_state,
       restored=progress.restored_path is not None)
@@ -470,7 +507,8 @@ def local_train(
           estimator_groups=estimator_groups,
           sample_estimators_fn=sample_estimators_fn, worker_id=worker_id)
       pbar = tqdm.tqdm(total=num_steps, initial=start_step,
-                       desc="outer steps", unit="step", dynamic_ncols=True)
+                       desc="outer steps", unit="step", dynamic_ncols=True,
+                       disable=not distributed.is_primary())
       if _log_steps(steps, progress, pbar, metrics_log, summary_writer,
                     checkpoint_every_n_steps, num_seconds):
         stop_reason = f"num_seconds={num_seconds} reached"
@@ -488,14 +526,40 @@ def local_train(
       progress.save()
     metrics_log.close()
     _close_writer(summary_writer)
-    if stop_reason:
+    if stop_reason and distributed.is_primary():
       _print_outputs(train_log_dir, progress.step, num_steps, start_step,
                      stop_reason)
   return progress.step
 
 
+def _start(train_log_dir, outer_learner, keep, init_key, seed: int,
+           num_steps: int) -> "_Progress":
+  """The restored (or initial, then saved) state, with a line saying which."""
+  progress = _Progress(train_log_dir, outer_learner, keep,
+                       *_restore_or_init(train_log_dir, outer_learner, init_key))
+  start_step = progress.step
+  # LO draws from numpy's global RNG (estimator resampling, event sampling).
+  onp.random.seed((seed + start_step) % 2**32)
+  where = ("" if jax.process_count() == 1 else
+           f" on {jax.process_count()} processes")
+  if progress.restored_path is None:
+    if distributed.is_primary():
+      print(f"Starting meta-training in {train_log_dir} (seed {seed}){where}.",
+            flush=True)
+    progress.save()
+  else:
+    if distributed.is_primary():
+      print(f"Resuming from {progress.restored_path}: outer step {start_step} "
+            f"of {num_steps} (seed {seed}){where}.", flush=True)
+    progress.last_saved_step = start_step
+  return progress
+
+
 class _Progress:
-  """The run's state a checkpoint holds, and the step it was last saved at."""
+  """The run's state a checkpoint holds, and the step it was last saved at.
+
+  Only process 0 writes; the others just track the step.
+  """
 
   def __init__(self, train_log_dir, outer_learner, keep, learner_state,
                elapsed_time, total_inner_steps, restored_path):
@@ -513,6 +577,9 @@ class _Progress:
     return int(self.learner_state.theta_opt_state.iteration)
 
   def save(self):
+    if not distributed.is_primary():
+      self.last_saved_step = self.step
+      return
     save_checkpoint(
         self.train_log_dir, self.outer_learner,
         gradient_learner.OptCheckpoint(
