@@ -349,6 +349,29 @@ class VariationalES(VariationalEstimator):
   mode = "es"
 
 
+@jax.jit
+def noise_reuse_gradient(losses, eps, sigma, weight):
+  """NRES samples of one truncation (`variational.noise_reuse_es_sample`), averaged.
+
+  Samples non-finite anywhere are dropped and coordinates whose mean still
+  overflows are zeroed (`combine.finite_mean`), as in `combine_samples`.
+
+  Args:
+    losses: [2, n] mean losses of the theta + eps (row 0) and theta - eps
+      branches over this truncation.
+    eps: leaves [n, ...], each run's kept perturbation.
+    sigma: perturbation scale.
+    weight: [n], this truncation's steps over the nominal length.
+
+  Returns:
+    (gradient shaped like one eps row, the "es" diagnostics of
+    `combine_samples`).
+  """
+  samples = variational.noise_reuse_es_sample(losses[0], losses[1], eps,
+                                              sigma, weight)
+  return _single_estimator(samples, "es", 0.0)
+
+
 @flax.struct.dataclass
 class NoiseReuseState(gradient_learner.GradientEstimatorState):
   """NoiseReuseES's inner runs: the theta + eps branch, the other, and eps.
@@ -400,12 +423,10 @@ class NoiseReuseES(VariationalEstimator):
     neg_opt = inner_problems.tree_where(restarted, pos_opt, neg_opt)
     return eps, neg_opt
 
-  @functools.partial(jax.jit, static_argnums=0)
   def _nres_gradient(self, theta, losses, eps, weight):
     treedef = jax.tree_util.tree_structure(theta)
-    samples = variational.noise_reuse_es_sample(
-        losses[0], losses[1], treedef.flatten_up_to(eps), self.sigma, weight)
-    grad, diagnostics = _single_estimator(samples, "es", 0.0)
+    grad, diagnostics = noise_reuse_gradient(
+        losses, treedef.flatten_up_to(eps), self.sigma, weight)
     return jax.tree_util.tree_unflatten(treedef, grad), diagnostics
 
   def compute_gradient_estimate(self, worker_weights, key, state,

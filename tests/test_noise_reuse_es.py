@@ -140,3 +140,24 @@ def test_a_runs_samples_add_up_to_the_full_horizon_es_sample():
                       float(eps[n][i]) / 4)
   for n in theta:
     np.testing.assert_allclose(run[n], expected[n], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["inf", "nan", "huge"])
+def test_bad_samples_are_dropped_and_overflow_zeroed(kind):
+  from test_finite_gradients import SIGMA as FSIGMA, N, _inject, _np_samples, _np_finite_mean  # pylint: disable=g-import-not-at-top
+  losses, pair, eps, _, es_dropped, zeroed = _inject(kind)
+  weight = np.ones(N, np.float32)
+  grad, diag = estimators.noise_reuse_gradient(
+      jax.numpy.asarray(losses), eps, FSIGMA, weight)
+  _, es = _np_samples(losses, pair, eps)
+  want = _np_finite_mean(es)
+  for k, v in want.items():
+    got = np.asarray(grad[k], np.float64)
+    assert np.all(np.isfinite(got)), (kind, k)
+    ok = np.isfinite(v)
+    if zeroed and k == zeroed[0]:
+      ok[zeroed[1]] = False
+      assert got[zeroed[1]] == 0.0
+    np.testing.assert_allclose(got[ok], v[ok], rtol=2e-4, atol=1e-5)
+  assert int(diag["es_nonfinite"]) == len(es_dropped)
+  assert int(diag["overflow_zeroed"]) == (1 if zeroed else 0)
