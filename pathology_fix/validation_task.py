@@ -123,10 +123,14 @@ class ValidationMetaLossFamily(tasks_base.TaskFamily):
     task_family: the family to wrap (must have datasets).
     meta_loss_evals: outer_valid batches B averaged per meta-loss.
     max_loss: each batch's loss is clipped at this value.
+    datasets: None (wrap task_family.datasets), or datasets whose outer_valid
+      already yields `StackedMetaBatches` (e.g. a round robin over several
+      families' `wrap_datasets`, so one stack never mixes class subsets).
   """
 
   def __init__(self, task_family, meta_loss_evals: int = 5,
-               max_loss: float = 10.0):
+               max_loss: float = 10.0,
+               datasets: Optional[datasets_base.Datasets] = None):
     self.max_loss = _check("ValidationMetaLossFamily", meta_loss_evals,
                            max_loss)
     if task_family.datasets is None:
@@ -135,7 +139,8 @@ class ValidationMetaLossFamily(tasks_base.TaskFamily):
           "datasets: the validation meta-loss needs outer_valid batches")
     self.task_family = task_family
     self.meta_loss_evals = meta_loss_evals
-    self.datasets = wrap_datasets(task_family.datasets, meta_loss_evals)
+    self.datasets = datasets or wrap_datasets(task_family.datasets,
+                                              meta_loss_evals)
     self._name = f"ValidationMetaLoss_{task_family.name}"
 
   def sample(self, key):
