@@ -17,9 +17,9 @@ Part 2, meta-training at equal wall-clock: every estimator trains for
 `outer_loop.run`; checkpoints along the way are judged by
 `evaluation.meta_test` on fixed held-out tasks (classes 5-9): loss vs minutes
 and vs inner steps. Part 1, gradient quality, from fixed thetas (init and
-HybridRPES's mid-run theta) and fixed inner states (after p inner steps of the
-estimator's own truncations): cosine similarity of the mean estimate to a
-reference gradient of the full-horizon smoothed objective (VariationalES with
+HybridRPES's mid-run theta), at points p of the inner run (each draw its own
+inner problems, advanced p steps by the estimator's own truncations): cosine
+similarity of the mean estimate to a reference gradient of the full-horizon smoothed objective (VariationalES with
 k = T and many samples), variance of one estimate, its inner steps and
 seconds, at truncation lengths k. Part 3: the best estimator per budget.
 
@@ -68,7 +68,7 @@ def _estimator(cache, name, family, lopt, cfg, k, staggered):
   return cache[name, k, staggered]
 
 
-def part2_meta_training(cfg, family, lopt, heldout, out_dir, numbers, cache):
+def part2_meta_training(cfg, family, lopt, out_dir, numbers, cache, seed0):
   """{estimator: [per seed: checkpoints' minutes, inner steps, meta-test]}."""
   marks = [cfg["train_seconds"] * j / cfg["num_checkpoints"]
            for j in range(1, cfg["num_checkpoints"] + 1)]
@@ -82,8 +82,10 @@ def part2_meta_training(cfg, family, lopt, heldout, out_dir, numbers, cache):
                        cfg["stagger"])
       run = study.meta_train_timed(est, lopt, cfg, seed, marks)
       thetas = {f"c{j}": c[3] for j, c in enumerate(run["checkpoints"])}
-      result = evaluation.meta_test(heldout, lopt, thetas, cfg["inner_steps"],
-                                    jax.random.PRNGKey(1000 + seed))
+      # Fresh task objects: every run is judged on the same batches.
+      result = evaluation.meta_test(study.heldout_tasks(cfg, seed0), lopt,
+                                    thetas, cfg["inner_steps"],
+                                    jax.random.PRNGKey(1000 + seed0))
       row = dict(
           minutes=[c[0] / 60 for c in run["checkpoints"]],
           outer_steps=[c[1] for c in run["checkpoints"]],
@@ -110,8 +112,7 @@ def _reference(cfg, family, lopt, theta):
   ref_cfg = dict(cfg, num_tasks=cfg["ref_samples"])
   est = study.build("VariationalES", family, lopt, ref_cfg,
                     cfg["inner_steps"], staggered=False)
-  state = est.init_worker_state(study._weights(theta), jax.random.PRNGKey(5))  # pylint: disable=protected-access
-  grads, _ = study.gradient_draws(est, theta, state, cfg["ref_draws"],
+  grads, _ = study.gradient_draws(est, theta, 0, cfg["ref_draws"],
                                   jax.random.PRNGKey(6))
   mean = grads.mean(axis=0)
   stderr = np.linalg.norm(grads.std(axis=0, ddof=1)) / np.sqrt(len(grads))
@@ -134,9 +135,7 @@ def part1_quality(cfg, family, lopt, thetas, out_dir, numbers, cache):
           if point % k or point + k > cfg["inner_steps"]:
             continue
           key = jax.random.PRNGKey(zlib.crc32(f"{name}/{k}/{point}".encode()))
-          state = est.init_worker_state(study._weights(theta), key)  # pylint: disable=protected-access
-          state = study.advance(est, theta, state, point // k, key)
-          grads, secs = study.gradient_draws(est, theta, state,
+          grads, secs = study.gradient_draws(est, theta, point // k,
                                              cfg["quality_draws"], key)
           rows.append(dict(
               estimator=name, theta=label, k=k, point=point,
@@ -235,12 +234,11 @@ def main(argv=None):
   if cfg["num_tasks"] % m or cfg["ref_samples"] % m:
     raise ValueError(f"num_tasks and ref_samples must be multiples of {m}")
   lopt = meta_training.make_lopt()
-  heldout = study.heldout_tasks(cfg, seed=args.seed)
   numbers = dict(config=cfg, estimators=list(cfg["estimators"]),
                  seeds=list(cfg["seeds"]))
   cache = {}
-  runs, thetas = part2_meta_training(cfg, family, lopt, heldout, out_dir,
-                                     numbers, cache)
+  runs, thetas = part2_meta_training(cfg, family, lopt, out_dir, numbers,
+                                     cache, args.seed)
   part1_quality(cfg, family, lopt, thetas, out_dir, numbers, cache)
   budgets = [cfg["train_seconds"] / 60 * j / cfg["num_checkpoints"]
              for j in range(1, cfg["num_checkpoints"] + 1)]

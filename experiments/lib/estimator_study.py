@@ -124,17 +124,27 @@ def advance(est, theta, state, truncations: int, key):
   return state
 
 
-def gradient_draws(est, theta, state, num_draws: int, key):
-  """`num_draws` estimates from one fixed state: (grads [R, d], seconds [R]).
+def gradient_draws(est, theta, truncations: int, num_draws: int, key):
+  """`num_draws` independent estimates: (grads [R, d], seconds [R]).
 
-  A first, untimed draw compiles everything.
+  Each draw starts its own inner problems (fresh init), runs `truncations`
+  truncations of the estimator itself to reach inner step p = truncations *
+  k, then times one estimate. Independent runs, not one fixed state: the
+  estimator's own state is part of its randomness (NoiseReuseES's eps, PES's
+  accumulated perturbation), so a fixed state would understate their
+  variance. A first, untimed draw compiles everything.
   """
   weights = _weights(theta)
   grads, seconds = [], []
   for r in range(num_draws + 1):
+    key_r = jax.random.fold_in(key, r)
+    state = est.init_worker_state(weights, jax.random.fold_in(key_r, 0))
+    state = advance(est, theta, state, truncations,
+                    jax.random.fold_in(key_r, 1))
+    jax.block_until_ready(state)
     t0 = time.perf_counter()
-    out, _ = est.compute_gradient_estimate(weights, jax.random.fold_in(key, r),
-                                           state)
+    out, _ = est.compute_gradient_estimate(
+        weights, jax.random.fold_in(key_r, 2), state)
     grad = jax.block_until_ready(out.grad)
     if r:
       seconds.append(time.perf_counter() - t0)
