@@ -13,7 +13,7 @@ same sigma (LO's std), the same n samples per step and the same outer
 optimizer (the paper's Adam, `outer_loop.paper_outer_optimizer`).
 
 Part 2, meta-training at equal wall-clock: every estimator trains for
-`train_seconds` (its first, compiling step not counted) per seed on
+`train_seconds` (its first, compiling steps not counted) per seed on
 `outer_loop.run`; checkpoints along the way are judged by
 `evaluation.meta_test` on fixed held-out tasks (classes 5-9): loss vs minutes
 and vs inner steps. Part 1, gradient quality, from fixed thetas (init and
@@ -46,6 +46,7 @@ FULL = dict(
     estimators=study.ESTIMATOR_NAMES, seeds=(0, 1, 2),
     # Part 2: equal wall-clock meta-training.
     train_k=100, train_seconds=1200.0, num_checkpoints=7, eval_tasks=4,
+    untimed_steps=2,  # compilation: run, not counted (see meta_train_timed)
     stagger=True,  # samples start at random points of their inner runs
     # Part 1: gradient quality.
     quality_k=(10, 100, 1000), quality_points=(0, 500), quality_draws=20,

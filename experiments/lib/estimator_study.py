@@ -161,7 +161,9 @@ def meta_train_timed(est, lopt, cfg: Dict[str, Any], seed: int,
                      checkpoint_seconds: Sequence[float]) -> Dict[str, Any]:
   """Meta-trains for cfg["train_seconds"] of wall-clock (`outer_loop.run`).
 
-  The first outer step (compilation) is run but not counted. Checkpoints
+  The first cfg["untimed_steps"] outer steps (compilation; LO's
+  TruncatedGrad compiles again at its second step) are run but not counted,
+  nor are their inner steps (a head start every estimator gets). Checkpoints
   [(seconds, outer step, inner steps per sample, theta)] at 0 and at the
   first step past each of `checkpoint_seconds`.
   """
@@ -173,13 +175,13 @@ def meta_train_timed(est, lopt, cfg: Dict[str, Any], seed: int,
   pending = sorted(checkpoint_seconds)
   seconds, inner, losses = 0.0, 0, []
   k = cfg["train_k"]
-  t0 = None
+  t0 = time.perf_counter()
   for out in outer_loop.run(learner, [est], state, 10**9, base_key,
                             unroll_key=k_state):
     theta = jax.block_until_ready(outer_loop.theta(learner, out.learner_state))
-    if t0 is not None:
+    if out.step > cfg["untimed_steps"]:
       seconds += time.perf_counter() - t0
-    inner += k
+      inner += k
     losses.append(out.mean_loss)
     while pending and seconds >= pending[0]:
       checkpoints.append((seconds, out.step, inner, theta))
