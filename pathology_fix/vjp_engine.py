@@ -227,7 +227,7 @@ class ChunkedVJP:
     theta_pair, opt_states, totals = self.pair_up(theta, eps,
                                                   state.inner_opt_state)
     if branch_opt_states is not None:
-      opt_states = self.sharding.constrain(branch_opt_states, axis=1)
+      opt_states = self.sharding.put(branch_opt_states, axis=1)
     measure = (with_rp_grads and self.rematerialize == "auto" and
                self.residual_bytes_per_chunk is None)
     remat = self.uses_remat(num_chunks)  # revised at chunk 0 once measured
