@@ -27,3 +27,4 @@ from pathology_fix import paper_lopt  # pylint: disable=g-import-not-at-top
 from pathology_fix import schedules  # pylint: disable=g-import-not-at-top
 from pathology_fix import tasks  # pylint: disable=g-import-not-at-top
 from pathology_fix import variational_lopt  # pylint: disable=g-import-not-at-top
+from pathology_fix import validation_task  # pylint: disable=g-import-not-at-top

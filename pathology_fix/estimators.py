@@ -12,13 +12,15 @@ two unrolls:
 
 `HybridRPES` merges them per coordinate by inverse variance (`combine.py`);
 `VariationalRP` and `VariationalES` use one of them alone (the paper's
-ablations). All three are LO 0.0.1 `GradientEstimator`s with the framework's
+ablations). `NoiseReuseES` (NRES, Li et al. 2023) instead keeps eps_i for a
+whole inner run and lets each branch continue its own run. All four are LO 0.0.1 `GradientEstimator`s with the framework's
 constructor arguments, so they drop into `build_gradient_estimators`.
 """
 
 import functools
 from typing import Any, Mapping, Optional, Tuple
 
+import flax
 import gin
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,7 @@ import numpy as np
 from learned_optimization.outer_trainers import gradient_learner
 from pathology_fix_core import combine
 from pathology_fix_core import curriculum
+from pathology_fix import inner_problems
 from pathology_fix import lo_api
 from pathology_fix import schedules
 from pathology_fix import unroll
@@ -349,3 +352,125 @@ class VariationalRP(VariationalEstimator):
 class VariationalES(VariationalEstimator):
   """Antithetic evolution strategies only; no reverse pass is run."""
   mode = "es"
+
+
+@jax.jit
+def noise_reuse_gradient(losses, eps, sigma, weight):
+  """NRES samples of one truncation (`variational.noise_reuse_es_sample`), averaged.
+
+  Samples non-finite anywhere are dropped and coordinates whose mean still
+  overflows are zeroed (`combine.finite_mean`), as in `combine_samples`.
+
+  Args:
+    losses: [2, n] mean losses of the theta + eps (row 0) and theta - eps
+      branches over this truncation.
+    eps: leaves [n, ...], each run's kept perturbation.
+    sigma: perturbation scale.
+    weight: [n], this truncation's steps over the nominal length.
+
+  Returns:
+    (gradient shaped like one eps row, the "es" diagnostics of
+    `combine_samples`).
+  """
+  samples = variational.noise_reuse_es_sample(losses[0], losses[1], eps,
+                                              sigma, weight)
+  return _single_estimator(samples, "es", 0.0)
+
+
+@flax.struct.dataclass
+class NoiseReuseState(gradient_learner.GradientEstimatorState):
+  """NoiseReuseES's inner runs: the theta + eps branch, the other, and eps.
+
+  problems: the theta + eps branch with the runs' steps, tasks and schedule
+    state (what the other estimators carry); leaves [n, ...].
+  neg_inner_opt_state: the theta - eps branch's inner optimizer states.
+  eps: each run's perturbation, leaves [n, ...] shaped like theta.
+  """
+  problems: unroll.VariationalUnrollState
+  neg_inner_opt_state: Any
+  eps: Any
+
+
+@gin.configurable
+class NoiseReuseES(VariationalEstimator):
+  """Noise-reuse ES (Li et al. 2023) on the shared antithetic unroll.
+
+  Sample i draws eps_i ~ N(0, sigma^2 I) when its inner run starts and keeps
+  it for every truncation of that run; the theta + eps_i and theta - eps_i
+  unrolls each continue their own inner run (same task, data and inner keys),
+  and truncation t gives the sample
+  `variational.noise_reuse_es_sample`: (k_t / k)(L+_t - L-_t)/2 eps_i/sigma^2.
+
+  Unbiased for: the gradient of the full-horizon smoothed objective
+  E_eps[L_T(theta + eps)] (L_T the mean per-step meta-loss of a whole T-step
+  inner run) -- the samples of one inner run, summed and scaled by k / T,
+  when theta and the truncation length k stay fixed during the run and the
+  run starts at step 0 (random_initial_iteration_offset=0; a staggered first
+  run covers only its last steps). One truncation's sample alone is not, and
+  online training (theta changes every truncation) carries PES-like
+  staleness. The same constructor arguments as the other estimators; no
+  reverse pass is run.
+  """
+  mode = "es"
+
+  def init_worker_state(self, worker_weights, key):
+    key_problems, key_eps = jax.random.split(key)
+    problems = super().init_worker_state(worker_weights, key_problems)
+    return NoiseReuseState(
+        problems=problems,
+        neg_inner_opt_state=problems.inner_opt_state,
+        eps=self.perturbations(key_eps, worker_weights.theta))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def _restart_finished(self, restarted, fresh_eps, eps, pos_opt, neg_opt):
+    """Fresh eps, and both branches at the new start, where a run restarted."""
+    eps = inner_problems.tree_where(restarted, fresh_eps, eps)
+    neg_opt = inner_problems.tree_where(restarted, pos_opt, neg_opt)
+    return eps, neg_opt
+
+  def _nres_gradient(self, theta, losses, eps, weight):
+    treedef = jax.tree_util.tree_structure(theta)
+    grad, diagnostics = noise_reuse_gradient(
+        losses, treedef.flatten_up_to(eps), self.sigma, weight)
+    return jax.tree_util.tree_unflatten(treedef, grad), diagnostics
+
+  def compute_gradient_estimate(self, worker_weights, key, state,
+                                with_summary: Optional[bool] = False):
+    del with_summary
+    theta = worker_weights.theta
+    outer_state = worker_weights.outer_state
+    key_reset, key_length, _, key_unroll = jax.random.split(key, 4)
+    unroller = self.unroller
+
+    restarted = unroller.finished(state.problems)
+    problems, steps_left = unroller.prepare(theta, state.problems, outer_state,
+                                            key_reset)
+    eps, neg_opt = self._restart_finished(
+        restarted, self.perturbations(key, theta), state.eps,
+        problems.inner_opt_state, state.neg_inner_opt_state)
+    k = self.draw_truncation_length(key_length, outer_state.outer_iteration,
+                                    int(steps_left.max()))
+    branches = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]),
+                                      problems.inner_opt_state, neg_opt)
+    theta = unroller.sharding.replicate(theta)
+    out = unroller.unroll(theta, eps, problems, key_unroll, k,
+                          with_rp_grads=False, steps_left=steps_left,
+                          branch_opt_states=branches)
+    next_problems = unroller.next_state(problems, out)
+    weight = jnp.asarray(out.num_steps / k, jnp.float32)
+    grad, diagnostics = self._nres_gradient(theta, out.losses, eps, weight)
+    mean_loss, metrics, unroll_info = self._finish(problems, next_problems,
+                                                   out.losses, diagnostics)
+    metrics["mean||truncation_length"] = jnp.asarray(k, jnp.float32)
+    metrics["mean||sigma"] = jnp.asarray(self.sigma, jnp.float32)
+    metrics["mean||runs_restarted"] = jnp.mean(restarted.astype(jnp.float32))
+    next_state = NoiseReuseState(
+        problems=next_problems,
+        neg_inner_opt_state=jax.tree_util.tree_map(lambda x: x[1],
+                                                   out.final_opt_states),
+        eps=eps)
+    grad, mean_loss, metrics, unroll_info = unroller.sharding.to_default_device(
+        (grad, mean_loss, metrics, unroll_info))
+    return gradient_learner.GradientEstimatorOut(
+        mean_loss=mean_loss, grad=grad, unroll_state=next_state,
+        unroll_info=unroll_info), metrics

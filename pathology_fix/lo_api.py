@@ -138,12 +138,15 @@ def build_lo_estimator(estimator_cls, task_family, learned_opt, **kwargs):
   """One of LO's own estimators (TruncatedGrad/ES/PES) from 0.0.1's arguments.
 
   On main, `trunc_sched`, `num_tasks` and `random_initial_iteration_offset`
-  go to a `VectorizedLOptTruncatedStep`, the rest to the estimator.
+  go to a `VectorizedLOptTruncatedStep`, the rest to the estimator;
+  `train_and_meta=True` becomes the step's `meta_loss_split="outer_valid"`.
   """
   if not IS_MAIN:
     return estimator_cls(task_family, learned_opt, **kwargs)
   from learned_optimization.outer_trainers import lopt_truncated_step  # pylint: disable=g-import-not-at-top
   step_kwargs = {k: kwargs.pop(k) for k in _STEP_KWARGS if k in kwargs}
+  if kwargs.pop("train_and_meta", False):
+    step_kwargs["meta_loss_split"] = "outer_valid"
   step = lopt_truncated_step.VectorizedLOptTruncatedStep(
       task_family, learned_opt, **step_kwargs)
   return estimator_cls(step, **kwargs)

@@ -80,7 +80,8 @@ class AntitheticUnroller:
 
   def unroll(self, theta, eps, state: VariationalUnrollState, key,
              num_steps: int, with_rp_grads: bool,
-             steps_left: Optional[np.ndarray] = None) -> AntitheticUnrollOut:
+             steps_left: Optional[np.ndarray] = None,
+             branch_opt_states: Any = None) -> AntitheticUnrollOut:
     """Runs the 2n antithetic unrolls for up to `num_steps` inner steps.
 
     Sample i unrolls min(num_steps, steps left in its inner run) steps.
@@ -93,6 +94,9 @@ class AntitheticUnroller:
       num_steps: truncation length k.
       with_rp_grads: also run the reverse pass for dL/dtheta.
       steps_left: `InnerProblems.steps_left(state)` if the caller has it.
+      branch_opt_states: None, or inner optimizer states with leaves
+        [2, n, ...] when the two branches continue separate inner runs
+        (NoiseReuseES); the default starts both from state.inner_opt_state.
 
     Returns:
       Losses [2, n], dL/dtheta [2, n, ...] (or None) and both branches'
@@ -103,7 +107,7 @@ class AntitheticUnroller:
     per_sample_steps = np.minimum(int(num_steps), np.asarray(steps_left))
     theta, key = self.sharding.replicate((theta, key))
     return self.engine.run(theta, eps, state, key, per_sample_steps,
-                           with_rp_grads)
+                           with_rp_grads, branch_opt_states)
 
   def next_state(self, state: VariationalUnrollState,
                  out: AntitheticUnrollOut) -> VariationalUnrollState:

@@ -213,16 +213,21 @@ class ChunkedVJP:
   # The truncation.
 
   def run(self, theta, eps, state, key, per_sample_steps: np.ndarray,
-          with_rp_grads: bool) -> AntitheticUnrollOut:
+          with_rp_grads: bool,
+          branch_opt_states: Any = None) -> AntitheticUnrollOut:
     """Forward over all chunks, then (with_rp_grads) the reverse pass.
 
     theta, key: replicated; eps: leaves [n, ...]; state: the inner problems;
-    per_sample_steps: int [n] numpy, steps each sample unrolls.
+    per_sample_steps: int [n] numpy, steps each sample unrolls;
+    branch_opt_states: None (both branches start from state.inner_opt_state)
+      or leaves [2, n, ...], each branch's own start (NoiseReuseES).
     """
     num_chunks = -(-int(per_sample_steps.max()) // self.problems.steps_per_jit)
     steps = self.sharding.replicate(jnp.asarray(per_sample_steps, jnp.int32))
     theta_pair, opt_states, totals = self.pair_up(theta, eps,
                                                   state.inner_opt_state)
+    if branch_opt_states is not None:
+      opt_states = self.sharding.put(branch_opt_states, axis=1)
     measure = (with_rp_grads and self.rematerialize == "auto" and
                self.residual_bytes_per_chunk is None)
     remat = self.uses_remat(num_chunks)  # revised at chunk 0 once measured

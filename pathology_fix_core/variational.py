@@ -165,3 +165,39 @@ def rp_gradient_sample(grad_pos: PyTree, grad_neg: PyTree) -> PyTree:
     A pytree shaped like ``grad_pos``.
   """
   return jax.tree_util.tree_map(lambda a, b: (a + b) / 2, grad_pos, grad_neg)
+
+
+def noise_reuse_es_sample(loss_pos: jax.Array, loss_neg: jax.Array,
+                          eps: PyTree, sigma: float,
+                          weight: jax.Array) -> PyTree:
+  """Noise-reuse ES (NRES, Li et al. 2023) sample of one truncation.
+
+    g_t = w_t (L+_t - L-_t) / 2 * eps / sigma^2
+
+  ``eps`` is drawn once per inner run and reused by every truncation of it;
+  the ``theta + eps`` and ``theta - eps`` branches each continue their own
+  inner run (they are not re-synchronized between truncations). ``L+-_t``
+  are the mean per-step losses of truncation t and ``w_t = k_t / k`` its
+  steps over the nominal truncation length. For a run of T steps cut into
+  truncations of nominal length k (the last one may be shorter),
+  ``sum_t w_t L_t = (T / k) L_T`` with ``L_T`` the run's mean per-step loss,
+  so the sum of the run's samples is ``T / k`` times the antithetic ES
+  estimate of ``grad E_eps[L_T(theta + eps)]``: their sum times ``k / T``
+  (their mean when k divides T) is unbiased for the gradient of the
+  full-horizon smoothed objective. A single g_t is not; nor is the sum when
+  theta or k change within the run (online use trades that for fresh
+  gradients, as PES does).
+
+  Args:
+    loss_pos, loss_neg: ``[]`` or ``[n]`` mean losses of the two branches.
+    eps: the run's perturbation, leaves ``[...]`` or ``[n, ...]``.
+    sigma: scalar standard deviation used to draw ``eps``.
+    weight: ``w_t``, shape ``[]`` or ``[n]`` (0 for a sample that did not
+      step).
+
+  Returns:
+    A pytree shaped like ``eps``, one sample per row.
+  """
+  weight = jnp.asarray(weight)
+  return es_gradient_sample(weight * jnp.asarray(loss_pos),
+                            weight * jnp.asarray(loss_neg), eps, sigma)

@@ -63,8 +63,8 @@ def test_discovery_finds_what_lo_0_0_1_and_we_ship():
   names = {c.__name__ for c in LOPTS}
   assert {"MLPLOpt", "AdafacMLPLOpt", "LearnableAdam", "NNAdam",
           "RNNMLPLOpt"} <= names, names
-  assert {"HybridRPES", "VariationalRP", "VariationalES"} <= {
-      c.__name__ for c in ESTIMATORS}
+  assert {"HybridRPES", "VariationalRP", "VariationalES",
+          "NoiseReuseES"} <= {c.__name__ for c in ESTIMATORS}
 
 
 def _cases():

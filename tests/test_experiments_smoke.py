@@ -28,6 +28,9 @@ QUICK_SCRIPTS = [
      ("loss_vs_steps.png", "loss_vs_time.png", "win_bars.png")),
     ("experiments.e6_ablations",
      ("meta_loss_vs_outer_step.png", "meta_loss_vs_wallclock.png")),
+    ("experiments.e7_estimator_study",
+     ("meta_test_vs_minutes.png", "meta_test_vs_inner_steps.png",
+      "gradient_quality.png")),
     ("experiments.bench_data", ()),
     ("experiments.bench_distributed", ()),
 ]

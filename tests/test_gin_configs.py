@@ -12,6 +12,7 @@ from learned_optimization.outer_trainers import truncated_pes
 from pathology_fix import estimators
 from pathology_fix import lo_api
 from pathology_fix import schedules
+from pathology_fix import validation_task
 
 CONFIGS = sorted((cli_utils.REPO / "gin_configs").glob("*.gin"))
 
@@ -27,6 +28,7 @@ EXPECTED_ESTIMATOR = {
     "ablation_fixed_k1000": estimators.HybridRPES,
     "lo_truncated_pes_quadratic": truncated_pes.TruncatedPES,
     "lo_truncated_pes_validation": truncated_pes.TruncatedPES,
+    "lo_truncated_pes_validation_clipped": truncated_pes.TruncatedPES,
 }
 
 
@@ -59,6 +61,11 @@ def test_config_builds_its_estimator(name):
     assert estimator.num_tasks == 128 and estimator.sigma == 0.1
     split = "train" if name.endswith("train_objective") else "outer_valid"
     assert estimator.unroller.problems.meta_loss_split == split
+  if name == "lo_truncated_pes_validation_clipped":
+    family = (getattr(estimator, "task_family", None) or
+              estimator.truncated_step.task_family)  # 0.0.1 or main
+    assert isinstance(family, validation_task.ValidationMetaLossFamily)
+    assert (family.meta_loss_evals, family.max_loss) == (5, 10.0)
 
 
 def test_mixture_config_builds_both_estimator_types():

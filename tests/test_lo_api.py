@@ -206,6 +206,8 @@ SMALL = {
     "ablation_fixed_k1000": _SMALL_CNN_RECIPE,
     "lo_truncated_pes_validation": _SMALL_CNN_RECIPE + (
         "TruncatedPES.num_tasks = 2", "TruncatedPES.trunc_length = 10"),
+    "lo_truncated_pes_validation_clipped": _SMALL_CNN_RECIPE + (
+        "TruncatedPES.num_tasks = 2", "TruncatedPES.trunc_length = 10"),
     "demo": ("VariationalEstimator.num_tasks = 2",
              "ConstantTruncationSchedule.total_length = 40",
              "VariationalEstimator.random_initial_iteration_offset = 0"),

@@ -1,0 +1,226 @@
+"""E7's building blocks: every estimator on one validation objective.
+
+The task distribution is E5's (mlp2x32 on 8x8 Fashion-MNIST, the 3-class
+subsets of a class pool, sample i on subset i % m), wrapped in a
+`validation_task.ValidationMetaLossFamily`: each meta-loss averages
+`meta_loss_evals` outer_valid batches of the sample's own subset, each clipped
+at `max_loss`. Our estimators read it with meta_loss_evals=1 (the wrapper
+averages), LO's with train_and_meta=True; all use the same sigma (LO's std).
+"""
+
+import itertools
+import time
+from typing import Any, Dict, Iterator, List, Sequence
+
+import jax
+import numpy as np
+
+import pathology_fix  # noqa: F401  (compat layer before any LO import)
+from experiments.lib import meta_training
+from learned_optimization.outer_trainers import truncated_es
+from learned_optimization.outer_trainers import truncated_grad
+from learned_optimization.outer_trainers import truncated_pes
+from learned_optimization.outer_trainers import truncation_schedule
+from learned_optimization.tasks.datasets import base as datasets_base
+from pathology_fix import data
+from pathology_fix import estimators
+from pathology_fix import lo_api
+from pathology_fix import tasks
+from pathology_fix import validation_task
+from pathology_fix.runtime import outer_loop
+
+OURS = {"HybridRPES": estimators.HybridRPES,
+        "VariationalRP": estimators.VariationalRP,
+        "VariationalES": estimators.VariationalES,
+        "NoiseReuseES": estimators.NoiseReuseES}
+LO_ESTIMATORS = {"TruncatedPES": truncated_pes.TruncatedPES,
+                 "TruncatedES": truncated_es.TruncatedES,
+                 "TruncatedGrad": truncated_grad.TruncatedGrad}
+ESTIMATOR_NAMES = tuple(OURS) + tuple(LO_ESTIMATORS)
+
+
+def validation_family(cfg: Dict[str, Any], seed: int = 0):
+  """(wrapped family, number of subsets m) on the meta-training classes.
+
+  Each subset's outer_valid batches are stacked before the round robin, so
+  one meta-loss never mixes two subsets' label meanings.
+  """
+  subsets = list(itertools.combinations(tasks.CLASS_POOLS["train"],
+                                        meta_training.NUM_CLASSES))
+  families = [
+      tasks.ClassSubsetFamily(c, architecture=meta_training.ARCH,
+                              image_size=meta_training.IMAGE_SIZE,
+                              batch_size=cfg["batch_size"], seed=seed + i)
+      for i, c in enumerate(subsets)
+  ]
+  stacked = [validation_task.wrap_datasets(f.datasets, cfg["meta_loss_evals"])
+             for f in families]
+  datasets = datasets_base.Datasets(
+      **{s: meta_training._RoundRobin(d.split(s) for d in stacked)  # pylint: disable=protected-access
+         for s in data.SPLITS},
+      extra_info=families[0].datasets.extra_info)
+  family = validation_task.ValidationMetaLossFamily(
+      families[0], cfg["meta_loss_evals"], cfg["max_loss"], datasets=datasets)
+  return family, len(subsets)
+
+
+def heldout_tasks(cfg: Dict[str, Any], seed: int = 0) -> List[Any]:
+  """`cfg["eval_tasks"]` fixed tasks on 3-class subsets of classes 5-9."""
+  pool = list(itertools.combinations(tasks.HELDOUT_CLASSES,
+                                     meta_training.NUM_CLASSES))
+  picks = np.random.default_rng(seed + 7).choice(len(pool), cfg["eval_tasks"],
+                                                 replace=False)
+  return [tasks.ClassSubsetFamily(
+      pool[i], architecture=meta_training.ARCH,
+      image_size=meta_training.IMAGE_SIZE, batch_size=cfg["batch_size"],
+      seed=seed + 500 + j).task for j, i in enumerate(picks)]
+
+
+def build(name: str, family, lopt, cfg: Dict[str, Any], k: int,
+          staggered: bool = True):
+  """Estimator `name` with truncations of k steps on `family`."""
+  sched = truncation_schedule.ConstantTruncationSchedule(cfg["inner_steps"])
+  shared = dict(num_tasks=cfg["num_tasks"], steps_per_jit=cfg["steps_per_jit"],
+                random_initial_iteration_offset=(cfg["inner_steps"]
+                                                 if staggered else 0))
+  if name in OURS:
+    return OURS[name](family, lopt, sched, unroll_length=k,
+                      sigma=cfg["sigma"], meta_loss_split="outer_valid",
+                      meta_loss_evals=1, max_loss=cfg["max_loss"], **shared)
+  kwargs = dict(trunc_sched=sched, train_and_meta=True, **shared)
+  if name == "TruncatedPES":
+    kwargs.update(trunc_length=k, std=cfg["sigma"])
+  elif name == "TruncatedES":
+    kwargs.update(unroll_length=k, std=cfg["sigma"])
+  else:
+    kwargs.update(unroll_length=k)
+  return lo_api.build_lo_estimator(LO_ESTIMATORS[name], family, lopt, **kwargs)
+
+
+def inner_steps_per_estimate(name: str, num_tasks: int, k: int) -> int:
+  """Inner steps one estimate unrolls: 2 per antithetic pair, 1 for TruncatedGrad."""
+  return num_tasks * k * (1 if name == "TruncatedGrad" else 2)
+
+
+def _flat(tree) -> np.ndarray:
+  return np.concatenate([np.ravel(np.asarray(x, np.float64))
+                         for x in jax.tree_util.tree_leaves(tree)])
+
+
+def _weights(theta):
+  from learned_optimization.outer_trainers import gradient_learner  # pylint: disable=g-import-not-at-top
+  return gradient_learner.WorkerWeights(
+      theta=theta, theta_model_state=None,
+      outer_state=gradient_learner.OuterState(0))
+
+
+def advance(est, theta, state, truncations: int, key):
+  """The estimator's own state after `truncations` more truncations."""
+  weights = _weights(theta)
+  for t in range(truncations):
+    out, _ = est.compute_gradient_estimate(weights, jax.random.fold_in(key, t),
+                                           state)
+    state = out.unroll_state
+  return state
+
+
+def gradient_draws(est, theta, truncations: int, num_draws: int, key):
+  """`num_draws` independent estimates: (grads [R, d], seconds [R]).
+
+  Each draw starts its own inner problems (fresh init), runs `truncations`
+  truncations of the estimator itself to reach inner step p = truncations *
+  k, then times one estimate. Independent runs, not one fixed state: the
+  estimator's own state is part of its randomness (NoiseReuseES's eps, PES's
+  accumulated perturbation), so a fixed state would understate their
+  variance. A first, untimed draw compiles everything.
+  """
+  weights = _weights(theta)
+  grads, seconds = [], []
+  for r in range(num_draws + 1):
+    key_r = jax.random.fold_in(key, r)
+    state = est.init_worker_state(weights, jax.random.fold_in(key_r, 0))
+    state = advance(est, theta, state, truncations,
+                    jax.random.fold_in(key_r, 1))
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    out, _ = est.compute_gradient_estimate(
+        weights, jax.random.fold_in(key_r, 2), state)
+    grad = jax.block_until_ready(out.grad)
+    if r:
+      seconds.append(time.perf_counter() - t0)
+      grads.append(_flat(grad))
+  return np.stack(grads), np.asarray(seconds)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+  norm = np.linalg.norm(a) * np.linalg.norm(b)
+  return float(a @ b / norm) if norm > 0 else 0.0
+
+
+def meta_train_timed(est, lopt, cfg: Dict[str, Any], seed: int,
+                     checkpoint_seconds: Sequence[float]) -> Dict[str, Any]:
+  """Meta-trains for cfg["train_seconds"] of wall-clock (`outer_loop.run`).
+
+  The first cfg["untimed_steps"] outer steps (compilation; LO's
+  TruncatedGrad compiles again at its second step) are run but not counted,
+  nor are their inner steps (a head start every estimator gets). Checkpoints
+  [(seconds, outer step, inner steps per sample, theta)] at 0 and at the
+  first step past each of `checkpoint_seconds`.
+  """
+  learner = outer_loop.learner(
+      lopt, outer_loop.paper_outer_optimizer(cfg["outer_lr"]))
+  base_key, k_init, k_state = jax.random.split(jax.random.PRNGKey(seed), 3)
+  state = learner.init(k_init)
+  checkpoints = [(0.0, 0, 0, outer_loop.theta(learner, state))]
+  pending = sorted(checkpoint_seconds)
+  seconds, inner, losses = 0.0, 0, []
+  k = cfg["train_k"]
+  t0 = time.perf_counter()
+  for out in outer_loop.run(learner, [est], state, 10**9, base_key,
+                            unroll_key=k_state):
+    theta = jax.block_until_ready(outer_loop.theta(learner, out.learner_state))
+    if out.step > cfg["untimed_steps"]:
+      seconds += time.perf_counter() - t0
+      inner += k
+    losses.append(out.mean_loss)
+    while pending and seconds >= pending[0]:
+      checkpoints.append((seconds, out.step, inner, theta))
+      pending.pop(0)
+    if seconds >= cfg["train_seconds"]:
+      break
+    t0 = time.perf_counter()
+  return dict(checkpoints=checkpoints, outer_steps=len(losses),
+              inner_steps=inner, seconds=seconds, train_meta_loss=losses)
+
+
+def budget_table(runs: Dict[str, List[Dict[str, Any]]],
+                 budgets: Sequence[float]) -> List[Dict[str, Any]]:
+  """Part 3: per wall-clock budget, estimators ranked by meta-test loss.
+
+  runs: {estimator: [per seed: {"meta_test": [...]}]}, checkpoint j >= 1
+  taken at the first outer step past budgets[j - 1] (`meta_train_timed`).
+  """
+  rows = []
+  for j, budget in enumerate(budgets, start=1):
+    scores = {}
+    for name, seeds in runs.items():
+      vals = [r["meta_test"][j] if j < len(r["meta_test"]) else np.nan
+              for r in seeds]
+      scores[name] = (float(np.nanmean(vals)), float(np.nanstd(vals)))
+    ranked = sorted(scores, key=lambda n: scores[n][0])
+    best, second = ranked[0], ranked[min(1, len(ranked) - 1)]
+    rows.append(dict(minutes=budget, best=best, best_loss=scores[best][0],
+                     best_spread=scores[best][1], runner_up=second,
+                     margin=scores[second][0] - scores[best][0],
+                     losses={n: s[0] for n, s in scores.items()},
+                     spreads={n: s[1] for n, s in scores.items()}))
+  return rows
+
+
+def progress(message: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def chunks(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+  for i in range(0, len(seq), size):
+    yield seq[i:i + size]
