@@ -322,8 +322,11 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
     """Mean loss, metrics and LO's UnrollInfo in one jitted call."""
     pair_mean = jnp.mean(losses, axis=0)
     finite = jnp.isfinite(pair_mean)
-    mean_loss = jnp.sum(jnp.where(finite, pair_mean, 0)) / jnp.maximum(
-        jnp.sum(finite), 1)
+    # Over the finite pairs; NaN when there is none (never a silent 0).
+    mean_loss = jnp.where(
+        jnp.any(finite),
+        jnp.sum(jnp.where(finite, pair_mean, 0)) / jnp.maximum(
+            jnp.sum(finite), 1), jnp.nan)
     finished = self.unroller.finished(next_state)
     metrics = {f"mean||{name}": value for name, value in diagnostics.items()}
     metrics["mean||meta_loss"] = mean_loss

@@ -168,16 +168,16 @@ def test_lazy_step_builds_main_truncated_pes_from_gin(tmp_path):
 
 @pytest.mark.parametrize("num, per_step", [(3, 2), (4, 1), (2, 2), (5, 3)])
 def test_estimator_groups_cycle_like_lo_main(num, per_step):
-  groups = local_training._estimator_groups(num, per_step)  # pylint: disable=protected-access
+  groups = local_training.estimator_groups(num, per_step)
   cycle = itertools.cycle(range(num))
   reference = [[next(cycle) for _ in range(per_step)] for _ in range(3 * num)]
   assert [groups[s % len(groups)] for s in range(3 * num)] == reference
 
 
 def test_estimator_groups_default_and_bad_value():
-  assert local_training._estimator_groups(3, None) == [[0, 1, 2]]  # pylint: disable=protected-access
+  assert local_training.estimator_groups(3, None) == [[0, 1, 2]]
   with pytest.raises(ValueError, match="run_num_estimators_per_gradient"):
-    local_training._estimator_groups(2, 3)  # pylint: disable=protected-access
+    local_training.estimator_groups(2, 3)
 
 
 # ------------------------------------------ every shipped config, 2 steps

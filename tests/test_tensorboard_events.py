@@ -38,7 +38,7 @@ def test_training_summaries_match_metrics_jsonl(tmp_path):
       "FixedDimQuadraticFamily/grad_norm": 2.0,
       "loss_histogram": np.arange(4.0),  # not a scalar: histogram only
   }
-  local_training._write_summaries(writer, log, to_write, step=7)  # pylint: disable=protected-access
+  local_training.write_summaries(writer, log, to_write, step=7)
   writer.close()
   log.close()
 
@@ -64,7 +64,7 @@ def test_resumed_run_replaces_the_killed_runs_later_steps(tmp_path):
   time.sleep(1.1)
 
   resumed = summary.JaxboardWriter(str(tmp_path))
-  local_training._mark_restart(resumed, 4)  # pylint: disable=protected-access
+  local_training.mark_restart(resumed, 4)
   for step in range(4, 7):
     resumed.scalar("mean_loss", 100.0 + step, step=step)
   resumed.close()

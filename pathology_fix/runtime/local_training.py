@@ -279,15 +279,15 @@ def _is_scalar(value: Any) -> bool:
   return onp.ndim(value) == 0
 
 
-def _mark_restart(summary_writer: Any, first_new_step: int):
+def mark_restart(summary_writer: Any, first_new_step: int):
   """Tells TensorBoard to drop events from `first_new_step` on of the killed run.
 
   Only our tensorboardX writer (what LO's JaxboardWriter is without
   TensorFlow) can; with TF's writer this is skipped.
   """
-  mark_restart = getattr(summary_writer, "mark_restart", None)
-  if mark_restart is not None:
-    mark_restart(first_new_step)
+  drop_from = getattr(summary_writer, "mark_restart", None)
+  if drop_from is not None:
+    drop_from(first_new_step)
 
 
 def _close_writer(summary_writer: Any, timeout_s: float = 30.0):
@@ -303,7 +303,7 @@ def _close_writer(summary_writer: Any, timeout_s: float = 30.0):
                     "TensorBoard events may be missing.", timeout_s)
 
 
-def _estimator_groups(num_estimators: int,
+def estimator_groups(num_estimators: int,
                       per_step: Optional[int]) -> Sequence[Sequence[int]]:
   """Estimator indices per outer step, cycling as LO main's local_train does."""
   if not per_step:
@@ -378,7 +378,7 @@ def _open_summaries(train_log_dir: str,
       keep_up_to_step=step if restored else 0)
   summary_writer = summary.JaxboardWriter(train_log_dir)
   if restored:
-    _mark_restart(summary_writer, step + 1)
+    mark_restart(summary_writer, step + 1)
   else:
     theta = lo_api.get_meta_params(outer_learner, learner_state)
     shapes = jax.tree_util.tree_map(
@@ -477,8 +477,7 @@ def local_train(
     raise ValueError("checkpoint_every_n_steps must be >= 1")
   if keep < 1:
     raise ValueError("keep must be >= 1")
-  estimator_groups = _estimator_groups(num_estimators,
-                                       run_num_estimators_per_gradient)
+  groups = estimator_groups(num_estimators, run_num_estimators_per_gradient)
   os.makedirs(train_log_dir, exist_ok=True)
   seed = _resolve_seed(seed)
   logging.info("Seed: %d", seed)
@@ -504,7 +503,7 @@ def local_train(
           unroll_key=jax.random.fold_in(estimators_key, start_step),
           summary_every_n=summary_every_n, lopt=lopt,
           stochastic_resample_frequency=stochastic_resample_frequency,
-          estimator_groups=estimator_groups,
+          estimator_groups=groups,
           sample_estimators_fn=sample_estimators_fn, worker_id=worker_id)
       pbar = tqdm.tqdm(total=num_steps, initial=start_step,
                        desc="outer steps", unit="step", dynamic_ncols=True,
@@ -602,7 +601,7 @@ def _log_steps(steps, progress: _Progress, pbar, metrics_log, summary_writer,
     to_write = _step_summary(out, progress.outer_learner, worker_ids,
                              out.with_metrics, delta_time,
                              progress.total_inner_steps, progress.elapsed_time)
-    _write_summaries(summary_writer, metrics_log, to_write, out.step)
+    write_summaries(summary_writer, metrics_log, to_write, out.step)
     # Commit only once the step is logged: what a checkpoint holds (also on
     # Ctrl-C) always has its metrics.jsonl line.
     progress.learner_state = out.learner_state
@@ -624,7 +623,7 @@ def tensorboard_tag(name: str) -> str:
   return _INVALID_TAG_CHARACTERS.sub("_", name).lstrip("/")
 
 
-def _write_summaries(summary_writer: Any, metrics_log: MetricsLog,
+def write_summaries(summary_writer: Any, metrics_log: MetricsLog,
                      to_write: MutableMapping[str, Any], step: int):
   scalars = {}
   for name, value in to_write.items():
