@@ -33,6 +33,7 @@ collective fails (a silent peer: after --heartbeat_timeout_s, with JAX's own
 message); rerun all of them to resume.
 """
 
+import contextlib
 import importlib
 import os
 import re
@@ -368,8 +369,28 @@ def _train():
     raise
 
 
+@contextlib.contextmanager
+def _config_gin_from_primary_only():
+  """LO's run_train writes config.gin; in a multi-process run only process 0."""
+  if distributed.is_primary():
+    yield
+    return
+  file_open = outer_train.filesystem.file_open
+
+  def open_unless_config(path, mode="r", *args, **kwargs):
+    if os.path.basename(path) == "config.gin" and "w" in mode:
+      return open(os.devnull, mode)  # pylint: disable=unspecified-encoding
+    return file_open(path, mode, *args, **kwargs)
+
+  outer_train.filesystem.file_open = open_unless_config
+  try:
+    yield
+  finally:
+    outer_train.filesystem.file_open = file_open
+
+
 def _run_train():
-  with local_training.installed():
+  with local_training.installed(), _config_gin_from_primary_only():
     try:
       outer_train.run_train(FLAGS.train_log_dir)
     except local_training.CheckpointError as e:
@@ -404,7 +425,7 @@ def main(argv):
     _join_processes()
     run_directory = _RunDirectory(FLAGS.train_log_dir)
     # Every process parses (and rejects a bad config by itself); process 0
-    # makes the directory the others then write config.gin into.
+    # makes the directory (and alone writes config.gin into it).
     _parse_gin(make_dir=distributed.is_primary())
     distributed.barrier("pathology_fix_run_directory")
     _train()
