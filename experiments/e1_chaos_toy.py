@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from experiments.lib import common
 from experiments.lib.roughness import roughness
+from experiments.lib.roughness import save_roughness_vs_length
 
 NAME = "e1_chaos_toy"
 W0 = -1.2
@@ -117,12 +118,7 @@ def _plot(out_dir, grid, curves, per_lr, stable, lr, lengths):
       ax.plot(lengths, values, style, ms=3,
               label=f"lr={each:g}" + (" (shown)" if each == lr else ""))
     ax.set_xscale("log")
-    ax.set_yscale("symlog", linthresh=1)
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel("unroll length T")
-    ax.set_title(key.replace("_", " "), fontsize=9)
-  axes[0].legend(fontsize=7)
-  common.save_figure(fig, out_dir, "roughness_vs_T.png")
+  save_roughness_vs_length(fig, axes, keys, out_dir)
 
 
 def main(argv=None):

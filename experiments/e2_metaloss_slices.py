@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from experiments.lib import common
 from experiments.lib.roughness import roughness
+from experiments.lib.roughness import save_roughness_vs_length
 from learned_optimization.learned_optimizers import mlp_lopt
 from pathology_fix import data
 from pathology_fix import tasks
@@ -112,7 +113,8 @@ def _plot(out_dir, centers, slices, metrics):
   common.save_figure(fig, out_dir, "slices.png")
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.3))
-  for ax, key in zip(axes, ("total_variation", "slope_sign_changes")):
+  keys = ("total_variation", "slope_sign_changes")
+  for ax, key in zip(axes, keys):
     for center in centers:
       for name in RANGES:
         vals = [metrics[center][name][str(t)][key] for t in LENGTHS]
@@ -120,12 +122,7 @@ def _plot(out_dir, centers, slices, metrics):
     ax.set_xscale("log")
     ax.set_xticks(LENGTHS, [str(t) for t in LENGTHS])
     ax.minorticks_off()
-    ax.set_yscale("symlog", linthresh=1)
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel("unroll length T")
-    ax.set_title(key.replace("_", " "), fontsize=9)
-  axes[0].legend(fontsize=7)
-  common.save_figure(fig, out_dir, "roughness_vs_T.png")
+  save_roughness_vs_length(fig, axes, keys, out_dir)
 
 
 def main(argv=None):

@@ -33,3 +33,18 @@ def roughness(y, jump_threshold=None, rel_tol=1e-6):
       "jumps": int(np.sum(np.abs(d) > threshold)) if span > 0 else 0,
       "nonfinite": int((~finite).sum()),
   }
+
+
+def save_roughness_vs_length(fig, axes, keys, out_dir):
+  """E1/E2's roughness-vs-T panels: symlog y from 0, labels, legend, PNG.
+
+  Each panel's curves and x scale are the caller's; `keys` names the panels.
+  """
+  from experiments.lib import common  # pylint: disable=g-import-not-at-top
+  for ax, key in zip(axes, keys):
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("unroll length T")
+    ax.set_title(key.replace("_", " "), fontsize=9)
+  axes[0].legend(fontsize=7)
+  common.save_figure(fig, out_dir, "roughness_vs_T.png")
