@@ -4,8 +4,8 @@
 
 Per outer step each of n samples draws eps_i and runs an antithetic pair of
 truncated unrolls (theta + eps_i, theta - eps_i) from its inner state, on the
-same data and inner randomness (`unroll.AntitheticUnroller.truncate`). From the same
-two unrolls:
+same data and inner randomness (`unroll.AntitheticUnroller.truncate`). From
+the same two unrolls:
 
   RP sample  g_rp_i = grad_theta (L+_i + L-_i) / 2    (backprop through both)
   ES sample  g_es_i = (L+_i - L-_i) / 2 * eps_i / sigma^2
@@ -13,8 +13,9 @@ two unrolls:
 `HybridRPES` merges them per coordinate by inverse variance (`combine.py`);
 `VariationalRP` and `VariationalES` use one of them alone (the paper's
 ablations). `NoiseReuseES` (NRES, Li et al. 2023) instead keeps eps_i for a
-whole inner run and lets each branch continue its own run. All four are LO 0.0.1 `GradientEstimator`s with the framework's
-constructor arguments, so they drop into `build_gradient_estimators`.
+whole inner run and lets each branch continue its own run. All four are LO
+`GradientEstimator`s with the framework's constructor arguments (0.0.1's and
+GitHub main's), so they drop into `build_gradient_estimators`.
 """
 
 import functools
@@ -154,7 +155,8 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
       the meta_loss_evals batches is clipped at max_loss, then averaged;
       "mean": their mean is clipped (a diverged batch can zero the step's
       gradient). See `objectives.batch_averaged_meta_loss`.
-    variance_eps: added to the per-coordinate variances of the merge.
+    variance_eps: added to the per-coordinate variance of each mean
+      (var / count) that the merge weighs by.
     rematerialize: True, False or "auto" (see `vjp_engine.ChunkedVJP`):
       recompute each chunk's forward in the backward pass, or keep residuals.
     remat_chunk_threshold: with "auto", rematerialize truncations of more
