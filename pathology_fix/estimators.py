@@ -196,6 +196,12 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
       raise ValueError(
           f"{name}.num_tasks ({num_tasks!r}) must be an integer >= 2: the "
           "per-coordinate variance over samples divides by n - 1")
+    num_subsets = getattr(task_family, "num_subsets", 1)
+    if num_tasks % num_subsets:
+      raise ValueError(
+          f"{name}.num_tasks ({num_tasks}) must be a multiple of the task "
+          f"family's {num_subsets} class subsets (every_subset_family): "
+          f"sample i reads subset i mod {num_subsets}")
     self.sigma = variational.validate_sigma(sigma, name=f"{name}.sigma")
     unroll_length = _resolve_unroll_length(name, unroll_length, trunc_length)
     curriculum.check_steps_per_jit(steps_per_jit, f"{name}.steps_per_jit")

@@ -43,6 +43,7 @@ Meta-training estimators read only the "train" and "outer_valid" splits;
 "test" is for evaluation code only.
 """
 
+import itertools
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import gin
@@ -50,6 +51,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 from learned_optimization.tasks import base
+from learned_optimization.tasks.datasets import base as datasets_base
 from learned_optimization.tasks.fixed import conv
 from learned_optimization.tasks.fixed import image_mlp
 import numpy as np
@@ -326,6 +328,83 @@ class DigitsClassSubsetFamily(ClassSubsetFamily):
         dataset="digits", architecture=architecture, image_size=image_size,
         batch_size=batch_size, normalization=normalization, seed=seed,
         name=name)
+
+
+class RoundRobin:
+  """Cycles over several iterators, one `next` each.
+
+  LO's batched unrolls call `next` once per sample, in sample order, so with
+  n a multiple of the number of iterators m, sample i always reads iterator
+  i % m: every inner run keeps one meaning of its labels.
+  """
+
+  def __init__(self, iterators):
+    self._iterators = list(iterators)
+    self._next = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._iterators[self._next])
+    self._next = (self._next + 1) % len(self._iterators)
+    return batch
+
+
+def every_subset_family(class_pool: Union[str, Sequence[int]] = "train",
+                        num_classes_per_task: int = 3,
+                        dataset: str = "fashion_mnist",
+                        architecture: str = "conv3",
+                        image_size: Optional[int] = None,
+                        batch_size: int = 128,
+                        normalization: str = "unit",
+                        seed: int = 0) -> ClassSubsetFamily:
+  """One family whose sample i trains on the (i mod m)-th k-class subset.
+
+  Every subset of size `num_classes_per_task` of the pool, m of them (10 for
+  3 of 5 classes), each with its own batch order (seed + i). They share the
+  architecture and batch shapes, so one compiled unroll serves them all. The
+  estimator's number of samples must be a multiple of m (checked by our
+  estimators through `num_subsets`), else a sample's labels would change
+  meaning between batches.
+  """
+  prefix = "every_subset_family."
+  pool = _resolve_pool(class_pool, prefix)
+  if not 2 <= num_classes_per_task <= len(pool):
+    raise ValueError(f"{prefix}num_classes_per_task must be in "
+                     f"[2, {len(pool)}] for pool {pool}, got "
+                     f"{num_classes_per_task!r}")
+  subsets = list(itertools.combinations(pool, num_classes_per_task))
+  families = [ClassSubsetFamily(c, dataset=dataset, architecture=architecture,
+                                image_size=image_size, batch_size=batch_size,
+                                normalization=normalization, seed=seed + i)
+              for i, c in enumerate(subsets)]
+  first = families[0]
+  first.datasets = datasets_base.Datasets(
+      **{s: RoundRobin(f.datasets.split(s) for f in families)
+         for s in data.SPLITS},
+      extra_info=dict(first.datasets.extra_info, subsets=subsets),
+      abstract_batch=first.datasets.abstract_batch)
+  first.task.datasets = first.datasets
+  first.num_subsets = len(subsets)
+  first._name = f"every{num_classes_per_task}of{len(pool)}_" + first._name  # pylint: disable=protected-access
+  return first
+
+
+@gin.configurable
+def sample_every_subset_family(
+    key: PRNGKey,
+    class_pool: Union[str, Sequence[int]] = "train",
+    num_classes_per_task: int = 3,
+    dataset: str = "fashion_mnist",
+    architecture: str = "conv3",
+    image_size: Optional[int] = None,
+    batch_size: int = 128,
+    normalization: str = "unit") -> ClassSubsetFamily:
+  """A `sample_task_family_fn`: `every_subset_family` (seeded by key)."""
+  return every_subset_family(class_pool, num_classes_per_task, dataset,
+                             architecture, image_size, batch_size,
+                             normalization, _seed_from_key(key))
 
 
 def _seed_from_key(key: PRNGKey) -> int:

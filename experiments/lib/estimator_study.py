@@ -56,7 +56,7 @@ def validation_family(cfg: Dict[str, Any], seed: int = 0):
   stacked = [validation_task.wrap_datasets(f.datasets, cfg["meta_loss_evals"])
              for f in families]
   datasets = datasets_base.Datasets(
-      **{s: meta_training._RoundRobin(d.split(s) for d in stacked)  # pylint: disable=protected-access
+      **{s: tasks.RoundRobin(d.split(s) for d in stacked)
          for s in data.SPLITS},
       extra_info=families[0].datasets.extra_info)
   family = validation_task.ValidationMetaLossFamily(

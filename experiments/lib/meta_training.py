@@ -6,7 +6,6 @@ class pool (one subset per sample, random inits). Outer training is
 (`outer_loop.paper_outer_optimizer`) at the experiment's learning rate.
 """
 
-import itertools
 import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -16,8 +15,6 @@ from tqdm import tqdm
 import pathology_fix  # noqa: F401  (compat layer before any LO import)
 from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.outer_trainers import truncation_schedule
-from learned_optimization.tasks.datasets import base as datasets_base
-from pathology_fix import data
 from pathology_fix.runtime import outer_loop
 from pathology_fix import tasks
 
@@ -26,49 +23,16 @@ IMAGE_SIZE = 8
 NUM_CLASSES = 3
 
 
-class _RoundRobin:
-  """Iterator cycling over several iterators, one `next` each.
-
-  LO's `vec_get_batch` calls `next` once per sample in sample order, so with
-  n a multiple of the number of subsets, sample i always reads subset
-  i % m: every inner run keeps one label meaning.
-  """
-
-  def __init__(self, iterators):
-    self._its = list(iterators)
-    self._i = 0
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    batch = next(self._its[self._i])
-    self._i = (self._i + 1) % len(self._its)
-    return batch
-
-
 def meta_train_family(pool: str = "train", batch_size: int = 128,
                       image_size: int = IMAGE_SIZE, arch: str = ARCH,
                       seed: int = 0) -> Tuple[tasks.ClassSubsetFamily, int]:
-  """A family whose sample i trains on the i-th 3-class subset of `pool`.
-
-  Returns (family, number of subsets m); the estimator's n must be a
-  multiple of m. All subsets share the architecture and batch shapes, so one
-  family object (one compiled unroll) serves them all.
-  """
-  subsets = list(itertools.combinations(tasks.CLASS_POOLS[pool], NUM_CLASSES))
-  families = [
-      tasks.ClassSubsetFamily(c, architecture=arch, image_size=image_size,
-                              batch_size=batch_size, seed=seed + i)
-      for i, c in enumerate(subsets)
-  ]
-  first = families[0]
-  first.datasets = datasets_base.Datasets(
-      **{s: _RoundRobin(f.datasets.split(s) for f in families)
-         for s in data.SPLITS},
-      extra_info=first.datasets.extra_info,
-      abstract_batch=first.datasets.abstract_batch)
-  return first, len(subsets)
+  """A family whose sample i trains on the i-th 3-class subset of `pool`
+  (`tasks.every_subset_family`); returns (family, number of subsets m). The
+  estimator's n must be a multiple of m."""
+  family = tasks.every_subset_family(pool, NUM_CLASSES, architecture=arch,
+                                     image_size=image_size,
+                                     batch_size=batch_size, seed=seed)
+  return family, family.num_subsets
 
 
 def make_lopt():
