@@ -27,7 +27,8 @@ examples; over all 10 classes the sizes are 1,269 / 176 / 176 / 176.
 Batches are dicts {"image": float32 [B, H, W, 1], "label": int32 [B]} (the
 format of LO's image datasets). Every split's iterator is infinite (LO's
 evaluation code calls `next` on the test split repeatedly): it walks seeded
-per-epoch permutations of the split, so every example is seen once per epoch.
+per-epoch permutations of the split, so every example is seen once per epoch,
+and offers `skip()`, which advances it without gathering a batch.
 For an exact pass over a split use `OfflineImageDatasets.split_arrays`.
 
 In gin, name these constructors `data.fashion_mnist_datasets` /
@@ -353,6 +354,8 @@ class _EpochIterator:
 
   Batches may straddle epochs (and a batch larger than the split spans
   several), so every example is drawn once per epoch and none is dropped.
+  Thread safe. `skip()` advances the stream as `next()` does without
+  gathering the images (see `batches.py`).
   """
 
   def __init__(self, data: _SplitData, batch_size: int, seed: Sequence[int]):
@@ -361,16 +364,25 @@ class _EpochIterator:
     self._rng = np.random.default_rng(list(seed))
     self._order = np.zeros([0], np.int64)
     self._pos = 0
+    self._lock = threading.Lock()
 
   def __iter__(self):
     return self
 
   def __next__(self) -> Dict[str, np.ndarray]:
-    n = self._data.indices.shape[0]
-    if self._pos + self._batch_size <= self._order.shape[0]:
-      positions = self._order[self._pos:self._pos + self._batch_size]
-      self._pos += self._batch_size
-    else:
+    return self._data.gather(self._advance())
+
+  def skip(self):
+    self._advance()
+
+  def _advance(self) -> np.ndarray:
+    """Positions (into the split) of the next batch; moves the stream on."""
+    with self._lock:
+      n = self._data.indices.shape[0]
+      if self._pos + self._batch_size <= self._order.shape[0]:
+        positions = self._order[self._pos:self._pos + self._batch_size]
+        self._pos += self._batch_size
+        return positions
       chunks = [self._order[self._pos:]]
       need = self._batch_size - chunks[0].shape[0]
       while need > 0:
@@ -379,8 +391,7 @@ class _EpochIterator:
         chunks.append(self._order[:take])
         self._pos = take
         need -= take
-      positions = np.concatenate(chunks)
-    return self._data.gather(positions)
+      return np.concatenate(chunks)
 
 
 class OfflineImageDatasets(datasets_base.Datasets):
@@ -398,9 +409,8 @@ class OfflineImageDatasets(datasets_base.Datasets):
     self._splits = dict(splits)
     self._source_parts = dict(source_parts)
     iters = {
-        name: datasets_base.ThreadSafeIterator(
-            _EpochIterator(self._splits[name], batch_size,
-                           (seed, SPLITS.index(name))))
+        name: _EpochIterator(self._splits[name], batch_size,
+                             (seed, SPLITS.index(name)))
         for name in SPLITS
     }
     size = extra_info["image_size"]

@@ -27,6 +27,7 @@ import numpy as np
 
 from learned_optimization import training
 from learned_optimization.outer_trainers import gradient_learner
+from pathology_fix import batches
 from pathology_fix_core import objectives
 
 META_LOSS_SPLITS = ("train", "outer_valid")
@@ -239,19 +240,33 @@ class InnerProblems:
     active = step_index[:, None] < steps[None, :]
     return self.chunk_keys(key, chunk_index), active
 
+  def _batches(self, split: str):
+    """Leaves [steps_per_jit, m, ...]: this process's samples' batches.
+
+    All n samples read by LO's `get_batches`, or (the mesh spans processes)
+    only `sharding.local_samples`, the others' batches skipped in the same
+    reading order (`batches.get_batches`).
+    """
+    samples = self.sharding.local_samples
+    if samples.shape[0] == self.num_samples:
+      return training.get_batches(self.task_family,
+                                  (self.steps_per_jit, self.num_samples),
+                                  numpy=True, split=split)
+    return batches.get_batches(self.task_family.datasets, split,
+                               self.steps_per_jit, self.num_samples, samples)
+
   def chunk_data(self):
-    """The next chunk's batches, leaves [steps_per_jit, n, ...] (numpy)."""
-    family = self.task_family
-    shape = (self.steps_per_jit, self.num_samples)
-    if family.datasets is None:
+    """The next chunk's batches, leaves [steps_per_jit, m, ...] (numpy).
+
+    m = n, or in a multi-process run only this process's samples
+    (`sharding.local_samples`; place them with `put_process_local`).
+    """
+    if self.task_family.datasets is None:
       return None if self.meta_loss_split == "train" else (None, None)
-    train = training.get_batches(family, shape, numpy=True, split="train")
+    train = self._batches("train")
     if self.meta_loss_split == "train":
       return train
-    evals = [
-        training.get_batches(family, shape, numpy=True, split="outer_valid")
-        for _ in range(self.meta_loss_evals)
-    ]
+    evals = [self._batches("outer_valid") for _ in range(self.meta_loss_evals)]
     meta = jax.tree_util.tree_map(lambda *xs: np.stack(xs, axis=2), *evals)
     return train, meta
 

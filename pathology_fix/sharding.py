@@ -19,9 +19,11 @@ Several processes (`jax.distributed`, see `distributed.py`): the mesh holds
 all processes' devices, in `jax.devices()` order, so process p owns a
 contiguous block of samples. Everything drawn inside jitted code (tasks,
 inner initializations, perturbations, inner keys) is computed by SPMD for
-the owned samples only; host batches come from each process's own copy of
-the (seeded) data stream, which reads all n samples' batches and places only
-its own slice (`put`). The merge's means and variances over samples are
+the owned samples only. Host batches come from each process's own copy of
+the (seeded) data stream, read in the one-process order: the process builds
+only its own samples' batches (`local_samples`) and skips the others'
+(`batches.get_batches`), and `put_process_local` assembles the global array
+from every process's block. The merge's means and variances over samples are
 all-reduces across processes inside `combine_samples`' jitted step, and what
 leaves the estimator (`to_default_device`) is the same value on every
 process, so LO's outer optimizer keeps theta identical everywhere. In a
@@ -112,6 +114,37 @@ class SampleSharding:
     return jax.tree_util.tree_map(
         lambda x: self._to_mesh(x, self.named_sharding(np.ndim(x), axis)),
         tree)
+
+  @property
+  def local_samples(self) -> np.ndarray:
+    """Sorted indices [m] of the samples on this process's devices.
+
+    All n unless the mesh spans processes.
+    """
+    if not self.spans_processes:
+      return np.arange(self.num_samples)
+    index_map = self.named_sharding(1, 0).addressable_devices_indices_map(
+        (self.num_samples,))
+    return np.unique(np.concatenate(
+        [np.arange(self.num_samples)[i] for i in index_map.values()]))
+
+  def put_process_local(self, tree, axis: int = 0):
+    """`put` of a pytree whose leaves hold only `local_samples` along `axis`.
+
+    Leaves are numpy [..., m, ...] with the samples in `local_samples`
+    order; every process passes its own. The result equals `put` of the
+    full [..., n, ...] tree.
+    """
+    if not self.spans_processes:
+      return self.put(tree, axis)
+
+    def place(x):
+      shape = list(np.shape(x))
+      shape[axis] = self.num_samples
+      return jax.make_array_from_process_local_data(
+          self.named_sharding(len(shape), axis), np.asarray(x), tuple(shape))
+
+    return jax.tree_util.tree_map(place, tree)
 
   def constrain(self, tree, axis: int = 0):
     """The same placement as `put`, as a constraint inside jitted code."""

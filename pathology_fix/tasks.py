@@ -56,6 +56,7 @@ from learned_optimization.tasks.fixed import conv
 from learned_optimization.tasks.fixed import image_mlp
 import numpy as np
 
+from pathology_fix import batches
 from pathology_fix import data
 
 PRNGKey = jax.Array
@@ -349,6 +350,11 @@ class RoundRobin:
     batch = next(self._iterators[self._next])
     self._next = (self._next + 1) % len(self._iterators)
     return batch
+
+  def skip(self):
+    """Advances as `next` does, skipping the child's batch (`batches.skip`)."""
+    batches.skip(self._iterators[self._next])
+    self._next = (self._next + 1) % len(self._iterators)
 
 
 def every_subset_family(class_pool: Union[str, Sequence[int]] = "train",

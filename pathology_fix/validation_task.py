@@ -32,6 +32,7 @@ import numpy as np
 
 from learned_optimization.tasks import base as tasks_base
 from learned_optimization.tasks.datasets import base as datasets_base
+from pathology_fix import batches
 from pathology_fix_core import objectives
 
 
@@ -41,11 +42,25 @@ class StackedMetaBatches:
   batches: Any
 
 
-def _stacked(iterator, count: int):
-  while True:
-    batches = [next(iterator) for _ in range(count)]
-    yield StackedMetaBatches(
-        jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches))
+class _Stacked:
+  """`count` batches of `iterator` at a time, as one `StackedMetaBatches`."""
+
+  def __init__(self, iterator, count: int):
+    self._iterator = iterator
+    self._count = count
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> StackedMetaBatches:
+    stack = [next(self._iterator) for _ in range(self._count)]
+    return StackedMetaBatches(
+        jax.tree_util.tree_map(lambda *xs: np.stack(xs), *stack))
+
+  def skip(self):
+    """Advances as `next` does, skipping the batches (`batches.skip`)."""
+    for _ in range(self._count):
+      batches.skip(self._iterator)
 
 
 def _check(name: str, meta_loss_evals: int, max_loss: float):
@@ -111,7 +126,7 @@ def wrap_datasets(datasets, meta_loss_evals: int):
     return None
   return datasets_base.Datasets(
       train=datasets.train, inner_valid=datasets.inner_valid,
-      outer_valid=_stacked(datasets.outer_valid, meta_loss_evals),
+      outer_valid=_Stacked(datasets.outer_valid, meta_loss_evals),
       test=datasets.test, extra_info=datasets.extra_info)
 
 

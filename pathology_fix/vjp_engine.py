@@ -234,7 +234,8 @@ class ChunkedVJP:
     # Per chunk: (start state, data) to recompute it, or its pullback.
     saved = []
     for c in range(num_chunks):
-      datas = self.sharding.put(self.problems.chunk_data(), axis=1)
+      datas = self.sharding.put_process_local(self.problems.chunk_data(),
+                                                axis=1)
       args = (theta_pair, opt_states, state.task_param, datas, key, c, steps,
               totals)
       if c == 0:

@@ -4,7 +4,8 @@
 
 HybridRPES with the validation meta-objective on a small digits MLP task:
 the first outer gradient and theta after NUM_STEPS outer steps with the
-paper's outer optimizer. Writes them (process 0 only) as JSON.
+paper's outer optimizer, this process's samples and how many batches it
+built. Writes them as JSON to OUT.json.<process index>.
 """
 
 import json
@@ -30,6 +31,16 @@ def main(argv):
   from pathology_fix import tasks  # pylint: disable=g-import-not-at-top
   from pathology_fix.runtime import outer_loop  # pylint: disable=g-import-not-at-top
 
+  # Counts the batches built (images gathered); skipped ones are not.
+  from pathology_fix import data  # pylint: disable=g-import-not-at-top
+  gathered = [0]
+  gather = data._SplitData.gather  # pylint: disable=protected-access
+
+  def counting_gather(self, positions):
+    gathered[0] += 1
+    return gather(self, positions)
+
+  data._SplitData.gather = counting_gather  # pylint: disable=protected-access
   family = tasks.DigitsClassSubsetFamily(
       architecture="mlp2x32", batch_size=8, num_classes_per_task=3)
   lopt = lopt_base.LearnableSGDM()
@@ -56,6 +67,8 @@ def main(argv):
                 process_count=jax.process_count(),
                 devices=len(jax.devices()),
                 split=est.unroller.sharding.active,
+                local_samples=est.unroller.sharding.local_samples.tolist(),
+                gathered=gathered[0],
                 grad=flat(first.grad), theta=flat(theta),
                 losses=[float(s.mean_loss) for s in steps])
   with open(f"{out_path}.{jax.process_index()}", "w") as f:

@@ -3,7 +3,8 @@
 The same-answer test runs `tests/distributed_worker.py` (HybridRPES, the
 validation meta-objective, digits MLP tasks): 2 processes x 1 device must
 give the first outer gradient and theta after 3 outer steps of 1 process x 1
-device (default run) and of 1 process x 2 forced devices (slow). The CLI
+device (default run) and of 1 process x 2 forced devices (slow), with each
+process building only its own samples' batches. The CLI
 tests (slow) check that only process 0 writes the run directory, that a
 killed process makes the other stop with one error line instead of hanging,
 and that rerunning both resumes.
@@ -109,6 +110,11 @@ def test_two_processes_give_the_one_process_answer(two_processes, tmp_path):
     assert result["process_index"] == i
     assert result["process_count"] == 2 and result["devices"] == 2
     assert result["split"]  # the 4 samples really are split over 2 processes
+    assert result["local_samples"] == [[0, 1], [2, 3]][i]
+    # Each process builds only its own samples' batches (it skips the
+    # others'): half of what the single process builds.
+    assert single["gathered"] > 0
+    assert 2 * result["gathered"] == single["gathered"]
     _assert_same(result, single, f"process {i} vs 1 process")
   # theta (and the outer optimizer) stay identical on both processes.
   assert two_processes[0]["theta"] == two_processes[1]["theta"]
