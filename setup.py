@@ -23,7 +23,8 @@ setuptools.setup(
     py_modules=["pathology_fix_startup"],
     # The shipped learned optimizers: theta (params_<N>), lopt.gin, record.json.
     package_data={"pathology_fix.pretrained": ["*/params_*", "*/*.gin",
-                                               "*/*.json"]},
+                                               "*/*.json",
+                                               "*/snapshots/params_*"]},
     python_requires=">=3.10",
     install_requires=[
         "jax",

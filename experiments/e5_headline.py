@@ -29,7 +29,6 @@ e5_headline/ (or --out). Shared code: experiments/lib/ (meta_training,
 heldout, baselines, analysis, plots).
 """
 
-import itertools
 import time
 
 import jax
@@ -38,6 +37,7 @@ import numpy as np
 from experiments.lib import analysis
 from experiments.lib import baselines
 from experiments.lib import common
+from experiments.lib import headline
 from experiments.lib import heldout
 from experiments.lib import meta_training
 from experiments.lib import plots
@@ -77,21 +77,30 @@ QUICK = dict(FULL,
 
 
 def heldout_specs(cfg, seed):
-  """Every held-out 3-class Fashion-MNIST subset (first N), plus digits."""
-  fm = list(itertools.combinations(tasks.HELDOUT_CLASSES, NUM_CLASSES))
-  rng = np.random.default_rng(seed + 1000)
-  specs = [("fashion_mnist", c, seed + 100 + i)
-           for i, c in enumerate(fm[:cfg["num_fmnist_tasks"]])]
-  for i in range(cfg["num_digits_tasks"]):
-    c = tuple(sorted(int(x) for x in rng.choice(10, NUM_CLASSES, False)))
-    specs.append(("digits", c, seed + 200 + i))
-  return specs
+  return headline.heldout_specs(cfg["num_fmnist_tasks"],
+                                cfg["num_digits_tasks"], seed)
+
 
 def main(argv=None):
-  args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+  p = common.parser(__doc__.splitlines()[0])
+  p.add_argument("--pretrained", default=None, metavar="NAME",
+                 help="judge the shipped optimizer NAME and its meta-training "
+                      "snapshots instead (issue 12's headline); writes "
+                      "experiments/results/e5_headline/")
+  p.add_argument("--compare", action="append", default=[],
+                 metavar="CLASS=RUN_DIR",
+                 help="with --pretrained: also judge the last theta of "
+                      "another meta-training run of learned optimizer CLASS "
+                      "(a lever), on the same tasks")
+  args = p.parse_args(argv)
+  if args.pretrained:
+    from experiments.lib import headline_report  # pylint: disable=g-import-not-at-top
+    return headline_report.run(args.pretrained, args.quick,
+                               common.results_dir(NAME, args.out), args.seed,
+                               args.compare)
   cfg = QUICK if args.quick else FULL
   mode = "quick" if args.quick else "full"
-  out_dir = common.results_dir(NAME, args.out)
+  out_dir = common.results_dir(f"{NAME}/objective_comparison", args.out)
   t_start = time.perf_counter()
   steps = cfg["inner_steps"]
 

@@ -55,7 +55,8 @@ RECIPES = {
             "best of Adam, RMSProp and SGD+momentum tuned per task."),
         config="gin_configs/headline_nnadam_fmnist8.gin",
         learned_optimizer="NNAdam",
-        seed=0, minutes=60,
+        seed=0, minutes=60, snapshot_minutes=(5, 10, 20, 40),
+        family_fn="sample_every_subset_family",
         bindings=["resumable_local_train.num_seconds = 3600"],
         heldout_tasks=8, heldout_steps=1000,
         quick=dict(bindings=["resumable_local_train.num_seconds = 60",
@@ -124,6 +125,44 @@ def training_minutes(run_dir):
   return last["elapsed_time"] / 60
 
 
+def gin_value(name):
+  import gin  # pylint: disable=g-import-not-at-top
+  try:
+    return gin.query_parameter(name)
+  except ValueError:
+    return None
+
+
+def copy_snapshots(run_dir, out_dir, minutes, final_step):
+  """Copies params_0 and, per m in `minutes`, the last params saved within
+  m minutes of training (metrics.jsonl's elapsed_time) to out_dir/snapshots;
+  returns [{minutes, step}] (the win-rate-vs-minutes curve's thetas; the
+  shipped final_step is not repeated)."""
+  from pathology_fix.runtime import local_training  # pylint: disable=g-import-not-at-top
+  if not minutes:
+    return []
+  saved = set(local_training.checkpoint_steps(run_dir, "params_"))
+  elapsed = {0: 0.0}
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      elapsed[row["step"]] = row["elapsed_time"] / 60
+  folder = os.path.join(out_dir, "snapshots")
+  shutil.rmtree(folder, ignore_errors=True)
+  os.makedirs(folder)
+  out = []
+  for m in (0,) + tuple(minutes):
+    within = [s for s in saved
+              if s in elapsed and elapsed[s] <= m and s != final_step]
+    if not within or (out and max(within) == out[-1]["step"]):
+      continue
+    step = max(within)
+    shutil.copyfile(os.path.join(run_dir, f"params_{step}"),
+                    os.path.join(folder, f"params_{step}"))
+    out.append(dict(minutes=round(elapsed[step], 2), step=step))
+  return out
+
+
 def architecture_gin(lopt_name):
   """lopt.gin text: every constructor argument of the gin-configured class."""
   import inspect  # pylint: disable=g-import-not-at-top
@@ -156,7 +195,8 @@ def evaluate(out_dir, recipe, quick, seed):
   num_tasks, num_steps = settings["heldout_tasks"], settings["heldout_steps"]
   keys = jax.random.split(jax.random.PRNGKey(seed + 1), num_tasks + 1)
   # The recipe's task family (architecture, image size, batch), held-out classes.
-  family = {k: gin.query_parameter(f"sample_fashion_mnist_family.{k}")
+  family_fn = recipe.get("family_fn", "sample_fashion_mnist_family")
+  family = {k: gin.query_parameter(f"{family_fn}.{k}")
             for k in ("num_classes_per_task", "architecture", "image_size",
                       "batch_size")}
   make_tasks = demo.heldout_tasks(keys[1:], **family)
@@ -200,10 +240,14 @@ def main(argv=None):
   parser.add_argument("--out_dir", default=None)
   parser.add_argument("--run_dir", default=None,
                       help="meta-training folder (default runs/pretrain/...)")
+  parser.add_argument("--reuse_run", action="store_true",
+                      help="keep a meta-training run already in --run_dir "
+                           "(started by hand with the same command)")
   args = parser.parse_args(argv)
   recipe = dict(RECIPES[args.name])
   if args.quick:
-    recipe["outer_steps"] = recipe["quick"]["outer_steps"]
+    recipe.update({k: v for k, v in recipe["quick"].items()
+                   if k in ("outer_steps", "bindings")})
   out_dir = args.out_dir or (
       os.path.join(REPO, "runs", "pretrain", f"{args.name}-quick")
       if args.quick else os.path.join(PRETRAINED, args.name))
@@ -211,7 +255,7 @@ def main(argv=None):
       REPO, "runs", "pretrain",
       args.name + ("-quick-run" if args.quick else "-run"))
   git = _git_commit()
-  command, minutes = meta_train(recipe, run_dir)
+  command, minutes = meta_train(recipe, run_dir, reuse=args.reuse_run)
 
   import gin  # pylint: disable=g-import-not-at-top
   from pathology_fix.runtime import local_training  # pylint: disable=g-import-not-at-top
@@ -226,8 +270,9 @@ def main(argv=None):
                   os.path.join(out_dir, f"params_{last}"))
   with open(os.path.join(out_dir, "lopt.gin"), "w") as f:
     f.write(architecture_gin(recipe["learned_optimizer"]))
+  snapshots = copy_snapshots(run_dir, out_dir,
+                             recipe.get("snapshot_minutes", ()), last)
   heldout, step = evaluate(out_dir, recipe, args.quick, recipe["seed"])
-  gin.clear_config()
   record = dict(
       name=args.name, description=recipe["description"],
       learned_optimizer=recipe["learned_optimizer"],
@@ -238,10 +283,13 @@ def main(argv=None):
           os.path.relpath(c, REPO) if c.startswith(REPO) else c
           for c in command[1:]]),
       config=recipe["config"], seed=recipe["seed"], outer_steps=step,
-      truncation_curriculum=[recipe["k_min"], recipe["k_max"]],
-      meta_training_minutes=round(minutes, 2),
+      truncation_curriculum=[
+          gin_value("LinearTruncationCurriculum.k_min"),
+          gin_value("LinearTruncationCurriculum.k_max")],
+      meta_training_minutes=round(minutes, 2), snapshots=snapshots,
       machine=f"{os.cpu_count()} CPU cores (shared)",
       git_commit=git["commit"], git_dirty=git["dirty"], heldout=heldout)
+  gin.clear_config()
   with open(os.path.join(out_dir, "record.json"), "w") as f:
     json.dump(record, f, indent=2)
   print(f"[pretrain] meta-training: {minutes:.1f} min, {step} outer steps")

@@ -18,6 +18,10 @@ import cli_utils
 from pathology_fix import pretrained
 
 SHIPPED = "mlp_lopt_demo_fmnist8"
+# Every shipped optimizer: its class and its held-out tasks' batch size.
+ALL_SHIPPED = {"mlp_lopt_demo_fmnist8": ("MLPLOpt", 64),
+               "nnadam_fmnist8": ("NNAdam", 128)}
+every_shipped = pytest.mark.parametrize("name", sorted(ALL_SHIPPED))
 NUM_STEPS = 100
 
 
@@ -79,9 +83,13 @@ def _mean_loss(params, loss_fn, batches):
   return float(jnp.mean(jax.vmap(lambda b: loss_fn(params, b))(batches)))
 
 
-def test_shipped_files_resolve_through_the_installed_package():
-  assert SHIPPED in pretrained.names()
-  folder = importlib.resources.files("pathology_fix.pretrained") / SHIPPED
+def test_every_shipped_optimizer_is_tested():
+  assert pretrained.names() == sorted(ALL_SHIPPED)
+
+
+@every_shipped
+def test_shipped_files_resolve_through_the_installed_package(name):
+  folder = importlib.resources.files("pathology_fix.pretrained") / name
   files = {p.name for p in folder.iterdir()}
   params = [f for f in files if f.startswith("params_")]
   assert len(params) == 1 and {"lopt.gin", "record.json"} <= files, files
@@ -90,26 +98,33 @@ def test_shipped_files_resolve_through_the_installed_package():
               "git_commit", "heldout"):
     assert key in record, key
   assert record["params_file"] == params[0]
-  assert record["command"] == f"python -m experiments.pretrain {SHIPPED}"
+  assert record["command"] == f"python -m experiments.pretrain {name}"
   assert record["heldout"]["per_task"], record["heldout"]
+  for snap in record.get("snapshots", []):
+    assert (folder / "snapshots" / f"params_{snap['step']}").is_file(), snap
 
 
-def test_setup_ships_the_pretrained_files(tmp_path):
+def _files(root: pathlib.Path):
+  return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+
+
+@every_shipped
+def test_setup_ships_the_pretrained_files(name, tmp_path):
   # What an install gets: setuptools' build_py output (no network needed).
   subprocess.run([sys.executable, "setup.py", "-q", "build_py",
                   "--build-lib", str(tmp_path)], cwd=cli_utils.REPO,
                  check=True, capture_output=True, timeout=300)
-  shipped = pathlib.Path(pretrained.path(SHIPPED))
-  built = tmp_path / "pathology_fix" / "pretrained" / SHIPPED
-  assert sorted(p.name for p in built.iterdir()) == sorted(
-      p.name for p in shipped.iterdir())
-  for p in shipped.iterdir():
-    assert (built / p.name).read_bytes() == p.read_bytes()
+  shipped = pathlib.Path(pretrained.path(name))
+  built = tmp_path / "pathology_fix" / "pretrained" / name
+  assert _files(built) == _files(shipped)
+  for p in _files(shipped):
+    assert (built / p).read_bytes() == (shipped / p).read_bytes()
 
 
-def test_load_gives_the_architecture_and_a_trained_theta():
-  learned_opt, theta = pretrained.load(SHIPPED)
-  assert isinstance(learned_opt, mlp_lopt.MLPLOpt)
+@every_shipped
+def test_load_gives_the_architecture_and_a_trained_theta(name):
+  learned_opt, theta = pretrained.load(name)
+  assert type(learned_opt).__name__ == ALL_SHIPPED[name][0]
   fresh = learned_opt.init(jax.random.PRNGKey(0))
   assert (jax.tree_util.tree_structure(theta)
           == jax.tree_util.tree_structure(fresh))
@@ -118,10 +133,11 @@ def test_load_gives_the_architecture_and_a_trained_theta():
     assert a.shape == b.shape and bool(jnp.all(jnp.isfinite(a)))
 
 
-def test_optax_adapter_matches_lo_opt_fn_over_100_steps():
-  learned_opt, theta = pretrained.load(SHIPPED)
+@every_shipped
+def test_optax_adapter_matches_lo_opt_fn_over_100_steps(name):
+  learned_opt, theta = pretrained.load(name)
   lo_params, loss_fn, batches = _train_lo(learned_opt, theta)
-  optax_params = _train_optax(pretrained.optax(SHIPPED, NUM_STEPS))
+  optax_params = _train_optax(pretrained.optax(name, NUM_STEPS))
   _assert_same_params(optax_params, lo_params)
   start, _, _ = _problem()
   # It trained, and the result depends on theta (another theta differs).
@@ -169,10 +185,10 @@ def test_architecture_file_rejects_other_configurables(tmp_path):
     pretrained.read_architecture(str(path))
 
 
-def _recipe_gin():
+def _recipe_gin(name):
   import gin
   from experiments import pretrain
-  recipe = pretrain.RECIPES[SHIPPED]
+  recipe = pretrain.RECIPES[name]
   gin.clear_config()
   gin.add_config_file_search_path(str(cli_utils.REPO / "gin_configs"))
   gin.parse_config_file(str(cli_utils.REPO / recipe["config"]))
@@ -180,13 +196,14 @@ def _recipe_gin():
 
 
 @pytest.mark.slow
-def test_shipped_heldout_results_reproduce_the_record():
+@every_shipped
+def test_shipped_heldout_results_reproduce_the_record(name):
   """The shipped theta, rerun through today's code, gives the record's table."""
   import gin
-  pretrain, recipe = _recipe_gin()
-  record = pretrained.record(SHIPPED)
+  pretrain, recipe = _recipe_gin(name)
+  record = pretrained.record(name)
   try:
-    heldout, step = pretrain.evaluate(pretrained.path(SHIPPED), recipe,
+    heldout, step = pretrain.evaluate(pretrained.path(name), recipe,
                                       False, record["seed"])
   finally:
     gin.clear_config()
@@ -218,7 +235,8 @@ def test_pretrain_quick_writes_a_loadable_optimizer(tmp_path):
   assert len(record["heldout"]["per_task"]) == 2
 
 
-def test_shipped_optimizer_beats_adam_1e3_on_two_heldout_tasks():
+@every_shipped
+def test_shipped_optimizer_beats_adam_1e3_on_two_heldout_tasks(name):
   """Issue 12's regression check: 2 new held-out tasks, 300 steps, test loss.
 
   The record's first two held-out class subsets (its seed), with fresh
@@ -227,13 +245,13 @@ def test_shipped_optimizer_beats_adam_1e3_on_two_heldout_tasks():
   from learned_optimization.optimizers import base as opt_base
   from pathology_fix import demo
   from pathology_fix.runtime import evaluation
-  record = pretrained.record(SHIPPED)
+  record = pretrained.record(name)
   keys = jax.random.split(jax.random.PRNGKey(record["heldout"]["seed"]),
                           record["heldout"]["per_task"].__len__() + 1)
   tasks = demo.heldout_tasks(keys[1:3], num_classes_per_task=3,
                              architecture="mlp2x32", image_size=8,
-                             batch_size=64)()
-  learned_opt, theta = pretrained.load(SHIPPED)
+                             batch_size=ALL_SHIPPED[name][1])()
+  learned_opt, theta = pretrained.load(name)
   result = evaluation.meta_test(
       tasks, learned_opt, {"learned": theta, "adam": opt_base.Adam(1e-3)},
       300, keys[0])

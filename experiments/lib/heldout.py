@@ -62,7 +62,9 @@ def measure_steps_per_second(task, optimizers: Dict[str, Any], steps: int,
 
     fns[name] = jax.jit(one)
     states[name] = opt.init(params0, num_steps=steps)
-    jax.block_until_ready(fns[name](states[name], batches[0]))  # compile
+    # Compile; twice, as some states (NNAdam's) change dtype after one step.
+    jax.block_until_ready(fns[name](fns[name](states[name], batches[0]),
+                                    batches[0]))
   rates = {name: [] for name in optimizers}
   for _ in tqdm(range(repeats), desc="timing", leave=False):
     for name, fn in fns.items():

@@ -26,6 +26,7 @@ import pathology_fix  # noqa: F401  (compat layer before any LO import)
 from learned_optimization.learned_optimizers import adafac_mlp_lopt
 from learned_optimization.learned_optimizers import base as lopt_base
 from learned_optimization.learned_optimizers import mlp_lopt
+from learned_optimization.learned_optimizers import nn_adam
 from pathology_fix import paper_lopt
 from pathology_fix.pretrained.adapter import lopt_to_optax
 
@@ -37,6 +38,7 @@ LEARNED_OPTIMIZERS = {
     "MLPLOpt": mlp_lopt.MLPLOpt,
     "AdafacMLPLOpt": adafac_mlp_lopt.AdafacMLPLOpt,
     "PaperMLPLOpt": paper_lopt.PaperMLPLOpt,
+    "NNAdam": nn_adam.NNAdam,
 }
 
 __all__ = ["names", "load", "optax", "record", "path", "lopt_to_optax",
