@@ -1,6 +1,12 @@
 r"""E5: the paper's Fig. 1 (headline result) at a CPU budget.
 
   python -m experiments.e5_headline [--quick] [--out DIR] [--seed S]
+  python -m experiments.e5_headline --pretrained NAME [--compare CLASS=RUN]
+
+With --pretrained (issue 12's headline): judges the shipped optimizer NAME
+and its meta-training snapshots with the evaluation of step 2 below, plus
+unseen architectures, and writes experiments/results/e5_headline/
+(`experiments/lib/headline_report.py`). Without it:
 
 1. Meta-trains LO's MLPLOpt (1 hidden layer of 32, as in the paper) with
    HybridRPES and a linear truncation curriculum, twice: against the inner
@@ -25,7 +31,7 @@ r"""E5: the paper's Fig. 1 (headline result) at a CPU budget.
    other jobs sharing the CPU at different moments.
 
 Writes results.json, summary.md and three plots to experiments/results/
-e5_headline/ (or --out). Shared code: experiments/lib/ (meta_training,
+e5_headline/objective_comparison/ (or --out). Shared code: experiments/lib/ (meta_training,
 heldout, baselines, analysis, plots).
 """
 

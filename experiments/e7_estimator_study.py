@@ -28,6 +28,7 @@ it prints progress and rewrites results.json (mode "partial") after every
 run.
 """
 
+import json
 import time
 import zlib
 
@@ -204,31 +205,53 @@ def summary(numbers, mode) -> str:
   lines = [f"# E7: estimator study ({mode} mode)", "",
            "## Best estimator per wall-clock budget (meta-test loss, "
            "held-out classes 5-9; mean and spread over seeds)", "",
-           "| minutes | best | loss | spread | runner-up | margin |",
-           "|---|---|---|---|---|---|"]
+           "| minutes | best (mean) | loss | spread | runner-up | margin | "
+           "best (median) | its median |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in numbers["budget_table"]:
     lines.append(f"| {r['minutes']:.2f} | {r['best']} | {r['best_loss']:.4f}"
                  f" | {r['best_spread']:.4f} | {r['runner_up']} | "
-                 f"{r['margin']:.4f} |")
+                 f"{r['margin']:.4f} | {r['best_by_median']} | "
+                 f"{r['medians'][r['best_by_median']]:.4f} |")
+  lines += ["", "Final meta-test loss per seed:", "",
+            "| estimator | seeds | outer steps |", "|---|---|---|"]
+  for name, seeds in numbers["meta_training"].items():
+    lines.append(f"| {name} | " + ", ".join(
+        f"{r['meta_test'][-1]:.3f}" for r in seeds) + " | " + ", ".join(
+            str(r["total_outer_steps"]) for r in seeds) + " |")
   lines += ["", "## Gradient quality (theta at init, inner step 0)", "",
             "| estimator | k | cosine to reference | variance | inner steps "
             "| seconds |", "|---|---|---|---|---|---|"]
-  for r in numbers["gradient_quality"]:
+  for r in numbers.get("gradient_quality", []):
     if r["theta"] == "init" and r["point"] == 0:
       lines.append(f"| {r['estimator']} | {r['k']} | {r['cosine']:.3f} | "
                    f"{r['variance']:.3g} | {r['inner_steps']} | "
                    f"{r['seconds']:.3f} |")
-  rel = numbers["reference_relative_stderr"]
+  rel = numbers.get("reference_relative_stderr", {})
   lines += ["", "Reference gradient relative standard error: " +
             ", ".join(f"{k} {v:.2f}" for k, v in rel.items()) +
             " (cosines are limited by it)."]
+  if mode == "partial":
+    lines += ["", "Partial: the run stopped before part 1 finished; the "
+              "gradient-quality rows are those it completed."]
   if mode == "quick":
     lines += ["", "Quick mode: CI-sized smoke run; its numbers mean nothing."]
   return "\n".join(lines)
 
 
 def main(argv=None):
-  args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+  p = common.parser(__doc__.splitlines()[0])
+  p.add_argument("--finish_partial", action="store_true",
+                 help="only finish the tables and plots from the partial "
+                      "results.json of a stopped full run")
+  p.add_argument("--quality_only", action="store_true",
+                 help="rerun only part 1 (smaller, QUALITY_ONLY) on the "
+                      "results.json of a full run stopped in part 1")
+  args = p.parse_args(argv)
+  if args.finish_partial:
+    return finish_partial(common.results_dir(NAME, args.out))
+  if args.quality_only:
+    return quality_only(common.results_dir(NAME, args.out), args.seed)
   cfg = dict(QUICK if args.quick else FULL)
   cfg["seeds"] = tuple(args.seed + s for s in cfg["seeds"])
   mode = "quick" if args.quick else "full"
@@ -244,14 +267,61 @@ def main(argv=None):
   runs, thetas = part2_meta_training(cfg, family, lopt, out_dir, numbers,
                                      cache, args.seed)
   part1_quality(cfg, family, lopt, thetas, out_dir, numbers, cache)
+  numbers["seconds_total"] = time.perf_counter() - t_start
+  finish(out_dir, numbers, mode)
+  return 0
+
+
+def finish(out_dir, numbers, mode):
+  """Part 3 (budget table), plots, results.json and summary.md."""
+  cfg = numbers["config"]
   budgets = [cfg["train_seconds"] / 60 * j / cfg["num_checkpoints"]
              for j in range(1, cfg["num_checkpoints"] + 1)]
-  numbers["budget_table"] = study.budget_table(runs, budgets)
-  numbers["seconds_total"] = time.perf_counter() - t_start
-  _plot_training(out_dir, runs)
-  _plot_quality(out_dir, numbers["gradient_quality"])
-  common.finish(out_dir, numbers, summary(numbers, mode), args.quick)
-  study.progress(f"wrote {out_dir} in {numbers['seconds_total']:.0f} s")
+  numbers["budget_table"] = study.budget_table(numbers["meta_training"],
+                                               budgets)
+  _plot_training(out_dir, numbers["meta_training"])
+  _plot_quality(out_dir, numbers.get("gradient_quality", []))
+  common.write_results(out_dir, numbers, summary(numbers, mode), mode)
+  print(summary(numbers, mode))
+  study.progress(f"wrote {out_dir}")
+
+
+# Part 1 alone, sized to finish within ~40 minutes on one core after part 2:
+# theta at init only, from inner step 0, fewer draws and reference samples.
+QUALITY_ONLY = dict(quality_points=(0,), quality_draws=6, ref_samples=50,
+                    ref_draws=4)
+
+
+def quality_only(out_dir, seed):
+  """Reruns part 1 (QUALITY_ONLY sizes) on a results.json holding part 2,
+  then finishes; the sizes used are stored as config["part1"]."""
+  from pathology_fix.runtime import outer_loop  # pylint: disable=g-import-not-at-top
+  numbers = json.loads((out_dir / "results.json").read_text())
+  for key in ("mode", "date", "gradient_quality", "reference_relative_stderr"):
+    numbers.pop(key, None)
+  cfg = dict(numbers["config"], **QUALITY_ONLY)
+  numbers["config"]["part1"] = QUALITY_ONLY
+  family, _ = study.validation_family(cfg, seed=seed)
+  lopt = meta_training.make_lopt()
+  learner = outer_loop.learner(
+      lopt, outer_loop.paper_outer_optimizer(cfg["outer_lr"]))
+  # The initial theta of the first seed's runs (as in meta_train_timed).
+  k_init = jax.random.split(jax.random.PRNGKey(cfg["seeds"][0]), 3)[1]
+  theta = outer_loop.theta(learner, learner.init(k_init))
+  t0 = time.perf_counter()
+  part1_quality(cfg, family, lopt, {"init": theta}, out_dir, numbers, {})
+  numbers["seconds_part1"] = time.perf_counter() - t0
+  finish(out_dir, numbers, "full")
+  return 0
+
+
+def finish_partial(out_dir):
+  """Finishes from the partial results.json of a full run that was stopped
+  (e.g. out of time) during part 1: everything it holds, mode "partial"."""
+  numbers = json.loads((out_dir / "results.json").read_text())
+  for key in ("mode", "date"):
+    numbers.pop(key, None)
+  finish(out_dir, numbers, "partial")
   return 0
 
 

@@ -57,9 +57,9 @@ RECIPES = {
         learned_optimizer="NNAdam",
         seed=0, minutes=60, snapshot_minutes=(5, 10, 20, 40),
         family_fn="sample_every_subset_family",
-        bindings=["resumable_local_train.num_seconds = 3600"],
+        bindings=["run_train.num_seconds = 3600"],
         heldout_tasks=8, heldout_steps=1000,
-        quick=dict(bindings=["resumable_local_train.num_seconds = 60",
+        quick=dict(bindings=["run_train.num_seconds = 60",
                              "run_train.num_steps = 3",
                              "LinearTruncationCurriculum.k_min = 10",
                              "LinearTruncationCurriculum.k_max = 20",
@@ -107,7 +107,7 @@ def meta_train(recipe, run_dir, reuse=False):
   command = training_command(recipe, run_dir)
   if reuse and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
     print(f"[pretrain] reusing the meta-training run in {run_dir}", flush=True)
-    return command, training_minutes(run_dir)
+    return command, None
   if os.path.isdir(run_dir):
     shutil.rmtree(run_dir)  # from scratch: the CLI would otherwise resume
   print(f"[pretrain] meta-training: {recipe.get('summary', '')}", flush=True)
@@ -116,13 +116,25 @@ def meta_train(recipe, run_dir, reuse=False):
   return command, (time.time() - start) / 60
 
 
-def training_minutes(run_dir):
-  """Training minutes logged by the run (elapsed_time of its last step)."""
-  last = None
+def elapsed_minutes(run_dir):
+  """{outer step: training minutes when it ended} (metrics.jsonl's
+  elapsed_time, compilation included); step 0 at 0."""
+  elapsed = {0: 0.0}
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:
     for line in f:
-      last = json.loads(line)
-  return last["elapsed_time"] / 60
+      row = json.loads(line)
+      elapsed[row["step"]] = row["elapsed_time"] / 60
+  return elapsed
+
+
+def final_step(run_dir, limit_minutes=None):
+  """The last saved params_<N>, or the last saved within limit_minutes."""
+  from pathology_fix.runtime import local_training  # pylint: disable=g-import-not-at-top
+  saved = local_training.checkpoint_steps(run_dir, "params_")
+  if limit_minutes is None:
+    return saved[-1]
+  elapsed = elapsed_minutes(run_dir)
+  return max(s for s in saved if elapsed.get(s, float("inf")) <= limit_minutes)
 
 
 def gin_value(name):
@@ -142,11 +154,7 @@ def copy_snapshots(run_dir, out_dir, minutes, final_step):
   if not minutes:
     return []
   saved = set(local_training.checkpoint_steps(run_dir, "params_"))
-  elapsed = {0: 0.0}
-  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-    for line in f:
-      row = json.loads(line)
-      elapsed[row["step"]] = row["elapsed_time"] / 60
+  elapsed = elapsed_minutes(run_dir)
   folder = os.path.join(out_dir, "snapshots")
   shutil.rmtree(folder, ignore_errors=True)
   os.makedirs(folder)
@@ -265,7 +273,9 @@ def main(argv=None):
   os.makedirs(out_dir, exist_ok=True)
   for old in local_training.checkpoint_steps(out_dir, "params_"):
     os.remove(os.path.join(out_dir, f"params_{old}"))
-  last = local_training.checkpoint_steps(run_dir, "params_")[-1]
+  # A run past its time limit (e.g. reused) ships the theta of the limit.
+  last = final_step(run_dir, recipe.get("minutes"))
+  minutes = elapsed_minutes(run_dir).get(last, minutes)
   shutil.copyfile(os.path.join(run_dir, f"params_{last}"),
                   os.path.join(out_dir, f"params_{last}"))
   with open(os.path.join(out_dir, "lopt.gin"), "w") as f:

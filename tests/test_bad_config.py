@@ -118,6 +118,14 @@ CASES = [
     # The training loop and the CLI's flags.
     ("keep", ["resumable_local_train.keep = 0"], None,
      ["keep must be >= 1", "resumable_local_train.keep = 0"]),
+    # LO's run_train passes num_seconds itself: the binding would be ignored.
+    ("binding run_train overrides", ["resumable_local_train.num_seconds = 5"],
+     None, ["resumable_local_train.num_seconds = 5", "run_train.num_seconds"]),
+    ("n not a multiple of the subsets", [
+        "build_gradient_estimators.sample_task_family_fn = "
+        "@sample_every_subset_family",
+        "sample_every_subset_family.architecture = 'mlp2x32'"], None,
+     ["HybridRPES.num_tasks (8)", "multiple", "10 class subsets"]),
     ("unknown parameter", ["Adam.no_such_parameter = 1"], None,
      ["no_such_parameter"]),
     ("unknown configurable", ["NoSuchConfigurable.x = 1"], None,

@@ -19,6 +19,7 @@ CONFIGS = sorted((cli_utils.REPO / "gin_configs").glob("*.gin"))
 EXPECTED_ESTIMATOR = {
     "hybrid_quadratic": estimators.HybridRPES,
     "demo": estimators.HybridRPES,
+    "headline_nnadam_fmnist8": estimators.HybridRPES,
     "paper_hybrid": estimators.HybridRPES,
     "paper_hybrid_train_objective": estimators.HybridRPES,
     "ablation_rp_only": estimators.VariationalRP,
@@ -61,6 +62,10 @@ def test_config_builds_its_estimator(name):
     assert estimator.num_tasks == 128 and estimator.sigma == 0.1
     split = "train" if name.endswith("train_objective") else "outer_valid"
     assert estimator.unroller.problems.meta_loss_split == split
+  if name == "headline_nnadam_fmnist8":
+    # Every 3-class subset of classes 0-4, one per sample (n = 10).
+    assert estimator.task_family.num_subsets == 10
+    assert estimator.num_tasks == 10
   if name == "lo_truncated_pes_validation_clipped":
     family = (getattr(estimator, "task_family", None) or
               estimator.truncated_step.task_family)  # 0.0.1 or main

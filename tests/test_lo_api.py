@@ -208,6 +208,12 @@ SMALL = {
         "TruncatedPES.num_tasks = 2", "TruncatedPES.trunc_length = 10"),
     "lo_truncated_pes_validation_clipped": _SMALL_CNN_RECIPE + (
         "TruncatedPES.num_tasks = 2", "TruncatedPES.trunc_length = 10"),
+    "headline_nnadam_fmnist8": (
+        "LinearTruncationCurriculum.k_min = 10",
+        "LinearTruncationCurriculum.k_max = 20",
+        "sample_every_subset_family.batch_size = 16",
+        "ConstantTruncationSchedule.total_length = 40",
+        "VariationalEstimator.random_initial_iteration_offset = 0"),
     "demo": ("VariationalEstimator.num_tasks = 2",
              "ConstantTruncationSchedule.total_length = 40",
              "VariationalEstimator.random_initial_iteration_offset = 0"),

@@ -259,3 +259,27 @@ def test_shipped_optimizer_beats_adam_1e3_on_two_heldout_tasks(name):
     rows = {r["name"]: r["final_test_loss"] for r in result.per_task
             if r["task"] == task.name}
     assert rows["learned"] < rows["adam"], (task.name, rows)
+
+
+@pytest.mark.slow
+def test_e5_headline_of_a_shipped_optimizer_writes_the_issue_keys(tmp_path):
+  """E5 --pretrained (quick): the headline keys, the curve and its plot."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.e5_headline", "--pretrained",
+       "nnadam_fmnist8", "--quick", "--out", str(tmp_path)],
+      cwd=cli_utils.REPO, env=cli_utils.subprocess_env(), capture_output=True,
+      text=True, timeout=cli_utils.TIMEOUT_S)
+  assert proc.returncode == 0, cli_utils.describe(proc)
+  results = json.loads((tmp_path / "results.json").read_text())
+  for key in ("win_rate_test", "win_rate_train"):
+    assert 0.0 <= results[key] <= 1.0, (key, results[key])
+  ratio = results["wallclock_ratio_to_best_train_loss"]
+  assert ratio is None or ratio > 0, ratio
+  snapshots = pretrained.record("nnadam_fmnist8")["snapshots"]
+  curve = results["win_rate_vs_minutes"]
+  assert [r["minutes"] for r in curve[:-1]] == [s["minutes"] for s in snapshots]
+  assert curve[-1]["label"] == "shipped"
+  assert curve[-1]["win_rate_test"] == results["win_rate_test"]
+  assert set(results["unseen_architectures"]) == {"conv3@8px",
+                                                  "mlp3x128@14px"}
+  assert (tmp_path / "win_rate_vs_minutes.png").stat().st_size > 0

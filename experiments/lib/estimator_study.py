@@ -202,18 +202,21 @@ def budget_table(runs: Dict[str, List[Dict[str, Any]]],
   """
   rows = []
   for j, budget in enumerate(budgets, start=1):
-    scores = {}
+    scores, medians = {}, {}
     for name, seeds in runs.items():
       vals = [r["meta_test"][j] if j < len(r["meta_test"]) else np.nan
               for r in seeds]
       scores[name] = (float(np.nanmean(vals)), float(np.nanstd(vals)))
+      medians[name] = float(np.nanmedian(vals))
     ranked = sorted(scores, key=lambda n: scores[n][0])
     best, second = ranked[0], ranked[min(1, len(ranked) - 1)]
     rows.append(dict(minutes=budget, best=best, best_loss=scores[best][0],
                      best_spread=scores[best][1], runner_up=second,
                      margin=scores[second][0] - scores[best][0],
                      losses={n: s[0] for n, s in scores.items()},
-                     spreads={n: s[1] for n, s in scores.items()}))
+                     spreads={n: s[1] for n, s in scores.items()},
+                     medians=medians,
+                     best_by_median=min(medians, key=medians.get)))
   return rows
 
 

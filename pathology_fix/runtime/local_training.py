@@ -473,6 +473,12 @@ def local_train(
   Returns:
     The outer step reached.
   """
+  overridden = _overridden_binding(
+      num_estimators=num_estimators, summary_every_n=summary_every_n,
+      num_steps=num_steps, num_seconds=num_seconds,
+      stochastic_resample_frequency=stochastic_resample_frequency)
+  if overridden:
+    raise ValueError(overridden)
   if checkpoint_every_n_steps < 1:
     raise ValueError("checkpoint_every_n_steps must be >= 1")
   if keep < 1:
@@ -529,6 +535,22 @@ def local_train(
       _print_outputs(train_log_dir, progress.step, num_steps, start_step,
                      stop_reason)
   return progress.step
+
+
+def _overridden_binding(**received) -> Optional[str]:
+  """Why a `resumable_local_train.<name>` binding was overridden, or None.
+
+  LO's run_train passes these arguments explicitly (its own defaults), and
+  an explicit argument beats a gin binding: such a binding would be silently
+  ignored. They must be bound on run_train.
+  """
+  bound = gin.get_bindings("resumable_local_train")
+  for name, value in received.items():
+    if name in bound and bound[name] != value:
+      return (f"resumable_local_train.{name} = {bound[name]!r} is overridden "
+              f"by the caller's {name}={value!r} (LO's run_train passes it): "
+              f"bind run_train.{name} instead")
+  return None
 
 
 def _start(train_log_dir, outer_learner, keep, init_key, seed: int,
