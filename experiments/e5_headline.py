@@ -55,7 +55,8 @@ from pathology_fix import schedules
 from pathology_fix import tasks
 from pathology_fix.runtime import evaluation
 
-NAME = "e5_headline"
+NAME = "e5_headline/objective_comparison"  # the default mode's results
+HEADLINE_NAME = "e5_headline"  # --pretrained
 
 FULL = dict(
     batch_size=128,
@@ -102,11 +103,12 @@ def main(argv=None):
   if args.pretrained:
     from experiments.lib import headline_report  # pylint: disable=g-import-not-at-top
     return headline_report.run(args.pretrained, args.quick,
-                               common.results_dir(NAME, args.out), args.seed,
+                               common.results_dir(HEADLINE_NAME, args.out),
+                               args.seed,
                                args.compare)
   cfg = QUICK if args.quick else FULL
   mode = "quick" if args.quick else "full"
-  out_dir = common.results_dir(f"{NAME}/objective_comparison", args.out)
+  out_dir = common.results_dir(NAME, args.out)
   t_start = time.perf_counter()
   steps = cfg["inner_steps"]
 
