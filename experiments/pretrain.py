@@ -102,7 +102,8 @@ def meta_train(recipe, run_dir, reuse=False):
   """Runs pathology_fix.train afresh in run_dir; returns (command, minutes).
 
   reuse: keep a finished run already in run_dir (e.g. started by hand with
-  the same command) and read its minutes from metrics.jsonl.
+  the same command); minutes is then None (main reads them from
+  metrics.jsonl, `elapsed_minutes`).
   """
   command = training_command(recipe, run_dir)
   if reuse and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):

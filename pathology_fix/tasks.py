@@ -268,6 +268,14 @@ def _resolve_pool(classes_pool: Union[str, Sequence[int]],
   return tuple(int(c) for c in classes_pool)
 
 
+def _check_num_classes(num_classes_per_task: int, pool: Tuple[int, ...],
+                       prefix: str = ""):
+  if not 2 <= num_classes_per_task <= len(pool):
+    raise ValueError(f"{prefix}num_classes_per_task must be in "
+                     f"[2, {len(pool)}] for pool {pool}, got "
+                     f"{num_classes_per_task!r}")
+
+
 def draw_classes(classes_pool: Union[str, Sequence[int]],
                  num_classes_per_task: int, seed: int,
                  prefix: str = "") -> Tuple[int, ...]:
@@ -276,10 +284,7 @@ def draw_classes(classes_pool: Union[str, Sequence[int]],
   `prefix` qualifies the parameter names in messages (e.g. "Family.").
   """
   pool = _resolve_pool(classes_pool, prefix)
-  if not 2 <= num_classes_per_task <= len(pool):
-    raise ValueError(f"{prefix}num_classes_per_task must be in "
-                     f"[2, {len(pool)}] for pool {pool}, got "
-                     f"{num_classes_per_task!r}")
+  _check_num_classes(num_classes_per_task, pool, prefix)
   rng = np.random.default_rng(seed)
   return tuple(int(c) for c in rng.choice(pool, num_classes_per_task,
                                           replace=False))
@@ -376,10 +381,7 @@ def every_subset_family(class_pool: Union[str, Sequence[int]] = "train",
   """
   prefix = "every_subset_family."
   pool = _resolve_pool(class_pool, prefix)
-  if not 2 <= num_classes_per_task <= len(pool):
-    raise ValueError(f"{prefix}num_classes_per_task must be in "
-                     f"[2, {len(pool)}] for pool {pool}, got "
-                     f"{num_classes_per_task!r}")
+  _check_num_classes(num_classes_per_task, pool, prefix)
   subsets = list(itertools.combinations(pool, num_classes_per_task))
   families = [ClassSubsetFamily(c, dataset=dataset, architecture=architecture,
                                 image_size=image_size, batch_size=batch_size,

@@ -62,9 +62,8 @@ def transfer(lopt, theta, cfg, seed):
   """The shipped theta vs tuned baselines on unseen architectures."""
   rows = {}
   for arch, size in TRANSFER:
-    specs = headline.heldout_specs(TRANSFER_TASKS, 0, seed)[:TRANSFER_TASKS]
-    if cfg is QUICK:
-      specs = specs[:1]
+    specs = headline.heldout_specs(1 if cfg is QUICK else TRANSFER_TASKS, 0,
+                                   seed)
     # Whole-split losses 4 times a run (not every 50 steps): conv3's 34 runs
     # per task would otherwise spend most of their time in evaluation.
     every = max(cfg["eval_every"], cfg["inner_steps"] // 4)
