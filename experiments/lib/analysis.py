@@ -162,7 +162,7 @@ def fmt(x, spec=".2f"):
 
 def mark_unreached(tree):
   """None (a loss never reached) -> NOT_REACHED, so that in results.json a
-  null can only mean a non-finite number (common._jsonable's mapping)."""
+  null can only mean a non-finite number (common.jsonable's mapping)."""
   if isinstance(tree, dict):
     return {k: mark_unreached(v) for k, v in tree.items()}
   if isinstance(tree, (list, tuple)):

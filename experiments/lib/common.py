@@ -34,14 +34,14 @@ def results_dir(name: str, out: Optional[str] = None) -> pathlib.Path:
   return path
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
   """numpy / jax scalars and arrays to plain JSON; non-finite floats to null."""
   if isinstance(x, Mapping):
-    return {str(k): _jsonable(v) for k, v in x.items()}
+    return {str(k): jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
+    return [jsonable(v) for v in x]
   if hasattr(x, "tolist"):
-    return _jsonable(x.tolist())
+    return jsonable(x.tolist())
   if isinstance(x, float) and not math.isfinite(x):
     return None
   return x
@@ -52,7 +52,7 @@ def write_results(out_dir: pathlib.Path, numbers: Mapping[str, Any],
   """results.json (numbers + mode + date) and summary.md."""
   payload = {"mode": mode, "date": time.strftime("%Y-%m-%d"), **numbers}
   (out_dir / "results.json").write_text(
-      json.dumps(_jsonable(payload), indent=1, sort_keys=True) + "\n")
+      json.dumps(jsonable(payload), indent=1, sort_keys=True) + "\n")
   (out_dir / "summary.md").write_text(summary_markdown.rstrip() + "\n")
 
 

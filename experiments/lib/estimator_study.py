@@ -27,6 +27,7 @@ from pathology_fix import estimators
 from pathology_fix import lo_api
 from pathology_fix import tasks
 from pathology_fix import validation_task
+from pathology_fix_core import combine
 from pathology_fix.runtime import outer_loop
 
 OURS = {"HybridRPES": estimators.HybridRPES,
@@ -155,6 +156,50 @@ def gradient_draws(est, theta, truncations: int, num_draws: int, key):
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
   norm = np.linalg.norm(a) * np.linalg.norm(b)
   return float(a @ b / norm) if norm > 0 else 0.0
+
+
+def merged_reference(es_draws: np.ndarray, rp_draws: np.ndarray):
+  """One reference gradient from ES and RP draws of the same objective.
+
+  es_draws [R_es, d], rp_draws [R_rp, d]: independent estimates of one
+  gradient g. Each side's mean m and the variance of that mean v (per
+  coordinate, from its draws: var / R) are merged per coordinate by inverse
+  variance (`combine.merge_statistics`). Why both: ES alone is noise-bound
+  at these sample counts; RP is orders less noisy where backprop behaves,
+  and ES keeps the merge honest where it does not (RP draws with a
+  non-finite coordinate are dropped; with fewer than 2 left, ES alone).
+
+  Returns (mean [d], account): relative standard errors ||sqrt(v)|| / ||m||
+  of the merge, ES and RP, and `consistency`: the observed cos(m_es, m_rp)
+  beside the value expected if both are unbiased with independent noise,
+  sqrt(1 - r_es^2) * sqrt(1 - r_rp^2) (||m||^2 ~ ||g||^2 + ||noise||^2).
+  """
+  def stats(draws):
+    return draws.mean(axis=0), draws.var(axis=0, ddof=1) / len(draws)
+
+  m_es, v_es = stats(es_draws)
+  finite = np.isfinite(rp_draws).all(axis=1)
+  if finite.sum() >= 2:
+    m_rp, v_rp = stats(rp_draws[finite])
+  else:
+    m_rp, v_rp = np.zeros_like(m_es), np.full_like(m_es, np.inf)
+  eps = 1e-30
+  mean, _ = combine.merge_statistics(m_rp, v_rp + eps, m_es, v_es + eps)
+  mean = np.asarray(mean, np.float64)
+  var = 1.0 / (1.0 / (v_rp + eps) + 1.0 / (v_es + eps))
+
+  def rel(m, v):
+    return float(np.sqrt(v.sum()) / max(np.linalg.norm(m), 1e-30))
+
+  def signal(r):
+    return float(np.sqrt(max(0.0, 1.0 - r**2)))
+
+  rel_es, rel_rp = rel(m_es, v_es), rel(m_rp, v_rp)
+  return mean, dict(
+      relative_stderr=rel(mean, var), es_relative_stderr=rel_es,
+      rp_relative_stderr=rel_rp, rp_finite_draws=int(finite.sum()),
+      consistency=dict(cosine_es_rp=cosine(m_es, m_rp),
+                       expected_if_unbiased=signal(rel_es) * signal(rel_rp)))
 
 
 def meta_train_timed(est, lopt, cfg: Dict[str, Any], seed: int,
