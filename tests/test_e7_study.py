@@ -1,6 +1,12 @@
 """E7's reference gradient (ES and RP draws merged, and its own account),
 its part files from separate processes, and its flags."""
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -105,3 +111,27 @@ def test_bad_theta_flags_are_errors_naming_the_flag(argv, message, capsys):
   with pytest.raises(SystemExit):
     e7.main(argv + ["--out", "/nonexistent/e7"])
   assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_part2_in_two_processes_sharing_one_folder(tmp_path):
+  """Each process writes its own estimators' file; the last one to end
+  finishes the tables with both, in ESTIMATOR_NAMES order."""
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, PYTHONPATH=str(repo))
+  for name in ("TruncatedGrad", "TruncatedES"):
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.e7_estimator_study", "--quick",
+         "--part2_only", "--estimator", name, "--train_minutes", "0.03",
+         "--out", str(tmp_path)],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["estimators"] == ["TruncatedES", "TruncatedGrad"]
+  assert results["config"]["train_seconds"] == pytest.approx(1.8)
+  assert results["part2_incomplete"] == []
+  assert results["gradient_quality"] == []
+  assert set(results["budget_table"][-1]["losses"]) == {"TruncatedES",
+                                                        "TruncatedGrad"}
+  assert (tmp_path / "meta_test_vs_minutes.png").stat().st_size > 0
+  assert not (tmp_path / "gradient_quality.png").exists()
