@@ -44,6 +44,8 @@ import numpy as np
 
 from experiments.lib import common
 from experiments.lib import estimator_study as study
+from experiments.lib import estimator_study_files as files
+from experiments.lib import estimator_study_report as report
 from experiments.lib import meta_training
 from pathology_fix.runtime import evaluation
 
@@ -71,6 +73,8 @@ QUICK = dict(
     stagger=False, quality_k=(10,), quality_points=(0,), quality_draws=3,
     ref_samples=20, ref_draws=2, rp_ref_draws=2,
 )
+
+THETA_LABELS = ("init", "mid")  # part 1's thetas
 
 
 def _estimator(cache, name, family, lopt, cfg, k, staggered):
@@ -112,15 +116,15 @@ def part2_meta_training(cfg, family, lopt, out_dir, numbers, cache, seed0):
       part["runs"].append(row)
       runs[name] = part["runs"]
       if name == "HybridRPES" and seed == cfg["seeds"][0]:
-        save_mid_theta(out_dir, run["checkpoints"][_mid_index(cfg)], seed)
+        files.save_mid_theta(out_dir, run["checkpoints"][_mid_index(cfg)], seed)
       study.progress(f"  meta-test {row['meta_test'][0]:.3f} -> "
                      f"{row['meta_test'][-1]:.3f} after "
                      f"{run['outer_steps']} outer steps")
-      _write_part(out_dir, "part2", name, part)
+      files.write_part(out_dir, "part2", name, part)
       # The config on disk, for --finish after a stop.
       common.write_results(out_dir, numbers, "partial results", "partial")
     part["complete"] = True
-    _write_part(out_dir, "part2", name, part)
+    files.write_part(out_dir, "part2", name, part)
   return runs
 
 
@@ -150,24 +154,6 @@ def _reference(cfg, family, lopt, theta, cache, out_dir, label):
   return study.merged_reference(es_draws, rp_draws)
 
 
-def part_file(out_dir, part, label):
-  """part1_<theta>.json / part2_<estimator>.json: one process's share."""
-  return out_dir / f"{part}_{label}.json"
-
-
-def _write_part(out_dir, part, label, content):
-  part_file(out_dir, part, label).write_text(
-      json.dumps(common.jsonable(content), indent=1) + "\n")
-
-
-def _read_parts(out_dir, part):
-  """The part's files in out_dir, and the labels of those not complete."""
-  parts = [json.loads(path.read_text())
-           for path in sorted(out_dir.glob(f"{part}_*.json"))]
-  return parts, [p.get("theta", p.get("estimator")) for p in parts
-                 if not p["complete"]]
-
-
 def part1_quality(cfg, family, lopt, label, theta, out_dir, cache,
                   resume=False):
   """Part 1 at one theta: rows (estimator, k, point, cosines, variance,
@@ -178,7 +164,7 @@ def part1_quality(cfg, family, lopt, label, theta, out_dir, cache,
   (reference_<label>.npz); only the estimators without rows are run.
   """
   t0 = time.perf_counter()
-  path, draws = part_file(out_dir, "part1", label), _reference_file(
+  path, draws = files.part_file(out_dir, "part1", label), _reference_file(
       out_dir, label)
   if resume and path.exists() and draws.exists():
     result = json.loads(path.read_text())
@@ -217,164 +203,10 @@ def part1_quality(cfg, family, lopt, label, theta, out_dir, cache,
                        f"{r['cosine']:.3f} (one: {r['cosine_single']:.3f}),"
                        f" var {r['variance']:.3g}, {r['seconds']:.3f} s")
     result["seconds"] = time.perf_counter() - t0
-    _write_part(out_dir, "part1", label, result)
+    files.write_part(out_dir, "part1", label, result)
   result["complete"] = True
-  _write_part(out_dir, "part1", label, result)
+  files.write_part(out_dir, "part1", label, result)
   return result
-
-
-def collect_parts(out_dir, numbers):
-  """Every part file in out_dir into numbers: part 1's rows, references and
-  seconds per theta; part 2's runs per estimator (in ESTIMATOR_NAMES order;
-  a results.json from before part 2 files existed keeps its own); and the
-  labels of unfinished parts."""
-  parts, incomplete1 = _read_parts(out_dir, "part1")
-  numbers.update(
-      gradient_quality=[r for p in parts for r in p["rows"]],
-      reference={p["theta"]: p["reference"] for p in parts},
-      seconds_part1={p["theta"]: p.get("seconds") for p in parts},
-      part1_incomplete=incomplete1)
-  parts, incomplete2 = _read_parts(out_dir, "part2")
-  if parts:
-    by_name = {p["estimator"]: p["runs"] for p in parts}
-    numbers["meta_training"] = {n: by_name[n] for n in study.ESTIMATOR_NAMES
-                                if n in by_name}
-    numbers["estimators"] = list(numbers["meta_training"])
-    numbers["config"] = dict(numbers["config"],
-                             estimators=numbers["estimators"])
-  numbers["part2_incomplete"] = incomplete2
-
-
-def _plot_training(out_dir, runs):
-  plt = common.pyplot()
-  for x_key, fname, xlabel in (("minutes", "meta_test_vs_minutes.png",
-                                "meta-training minutes"),
-                               ("inner_steps", "meta_test_vs_inner_steps.png",
-                                "inner steps per sample")):
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, seeds in runs.items():
-      n = min(len(r[x_key]) for r in seeds)
-      x = np.mean([r[x_key][:n] for r in seeds], axis=0)
-      y = np.array([r["meta_test"][:n] for r in seeds], float)
-      ax.plot(x, y.mean(axis=0), marker="o", label=name)
-      if len(seeds) > 1:
-        ax.fill_between(x, y.min(axis=0), y.max(axis=0), alpha=0.15)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("meta-test loss (held-out classes)")
-    ax.set_yscale("log")  # a diverging seed sits at 1-5, the rest near 0.1
-    ax.legend(fontsize=7)
-    common.save_figure(fig, out_dir, fname)
-
-
-def _plot_quality(out_dir, rows):
-  """One row of panels per theta: cosine vs k, variance vs inner steps and
-  vs seconds; point 0 solid with circles, later points dashed with squares."""
-  if not rows:
-    return
-  plt = common.pyplot()
-  labels = sorted({r["theta"] for r in rows})
-  fig, axes = plt.subplots(len(labels), 3, figsize=(13, 4 * len(labels)),
-                           squeeze=False)
-  names = sorted({r["estimator"] for r in rows})
-  colors = {n: f"C{i}" for i, n in enumerate(names)}
-  for ax_row, label in zip(axes, labels):
-    for name in names:
-      for point in sorted({r["point"] for r in rows}):
-        mine = [r for r in rows if r["estimator"] == name and
-                r["theta"] == label and r["point"] == point]
-        if not mine:
-          continue
-        style = dict(color=colors[name], marker="o" if point == 0 else "s",
-                     linestyle="-" if point == 0 else "--",
-                     label=name if point == 0 else None)
-        ax_row[0].plot([r["k"] for r in mine], [r["cosine"] for r in mine],
-                       **style)
-        ax_row[1].plot([r["inner_steps"] for r in mine],
-                       [r["variance"] for r in mine], **style)
-        ax_row[2].plot([r["seconds"] for r in mine],
-                       [r["variance"] for r in mine], **style)
-    ax_row[0].set(xscale="log", xlabel="truncation length k",
-                  ylabel=f"cosine to reference (theta {label})")
-    ax_row[1].set(xscale="log", yscale="log",
-                  xlabel="inner steps per estimate",
-                  ylabel="variance of one estimate")
-    ax_row[2].set(xscale="log", yscale="log", xlabel="seconds per estimate",
-                  ylabel="variance of one estimate")
-    ax_row[0].legend(fontsize=7, title="solid: step 0; dashed: later",
-                     title_fontsize=7)
-  common.save_figure(fig, out_dir, "gradient_quality.png")
-
-
-def _quality_lines(numbers):
-  """Part 1's summary: the gradient-quality table and the references."""
-  lines = ["", "## Gradient quality", "",
-           "Cosine of the mean of the draws (bias plus the noise left) and "
-           "median cosine of one "
-           "estimate to the reference gradient of the full-horizon smoothed "
-           "objective; variance of one estimate (sum over coordinates).", "",
-           "| theta | inner step | estimator | k | cosine (mean) | "
-           "cosine (one) | variance | inner steps | seconds |",
-           "|---|---|---|---|---|---|---|---|---|"]
-  for r in sorted(numbers.get("gradient_quality", []),
-                  key=lambda r: (r["theta"], r["point"], r["estimator"],
-                                 r["k"])):
-    lines.append(f"| {r['theta']} | {r['point']} | {r['estimator']} | "
-                 f"{r['k']} | {r['cosine']:.3f} | "
-                 f"{r.get('cosine_single', float('nan')):.3f} | "
-                 f"{r['variance']:.3g} | {r['inner_steps']} | "
-                 f"{r['seconds']:.3f} |")
-  lines += ["", "Reference gradients (ES and RP of the full run, merged per "
-            "coordinate by inverse variance):", "",
-            "| theta | relative stderr | ES alone | RP alone | cos(ES, RP) | "
-            "expected if both unbiased |", "|---|---|---|---|---|---|"]
-  for label, ref in numbers.get("reference", {}).items():
-    c = ref["consistency"]
-    lines.append(f"| {label} | {ref['relative_stderr']:.3f} | "
-                 f"{ref['es_relative_stderr']:.3f} | "
-                 f"{ref['rp_relative_stderr']:.3f} | "
-                 f"{c['cosine_es_rp']:.3f} | {c['expected_if_unbiased']:.3f} |")
-  mid = numbers.get("mid_theta")
-  if mid:
-    lines += ["", f"Theta mid: HybridRPES seed {mid['seed']} after "
-              f"{mid['seconds']:.0f} s, {mid['outer_steps']} outer steps."]
-  return lines
-
-
-def summary(numbers, mode) -> str:
-  lines = [f"# E7: estimator study ({mode} mode)", "",
-           "## Best estimator per wall-clock budget (meta-test loss, "
-           "held-out classes 5-9; mean and spread over seeds)", "",
-           "| minutes | best (mean) | loss | spread | runner-up | margin | "
-           "best (median) | its median |",
-           "|---|---|---|---|---|---|---|---|"]
-  for r in numbers["budget_table"]:
-    lines.append(f"| {r['minutes']:.2f} | {r['best']} | {r['best_loss']:.4f}"
-                 f" | {r['best_spread']:.4f} | {r['runner_up']} | "
-                 f"{r['margin']:.4f} | {r['best_by_median']} | "
-                 f"{r['medians'][r['best_by_median']]:.4f} |")
-  lines += ["", "Final meta-test loss per seed:", "",
-            "| estimator | seeds | outer steps |", "|---|---|---|"]
-  for name, seeds in numbers["meta_training"].items():
-    lines.append(f"| {name} | " + ", ".join(
-        f"{r['meta_test'][-1]:.3f}" for r in seeds) + " | " + ", ".join(
-            str(r["total_outer_steps"]) for r in seeds) + " |")
-  if numbers.get("gradient_quality"):
-    lines += _quality_lines(numbers)
-  if numbers.get("part1_incomplete"):
-    lines += ["", "Partial: part 1 did not finish at theta " +
-              ", ".join(numbers["part1_incomplete"]) + "; the rows are those "
-              "it completed."]
-  if numbers.get("part2_incomplete"):
-    lines += ["", "Partial: part 2 did not finish for " +
-              ", ".join(numbers["part2_incomplete"]) + "; the seeds are "
-              "those it completed."]
-  if mode == "quick":
-    lines += ["", "Quick mode: CI-sized smoke run; its numbers mean nothing."]
-  return "\n".join(lines)
-
-
-# Theta "mid" of part 1 and where it came from (seed, seconds, outer steps).
-MID_THETA_FILES = ("mid_theta.msgpack", "mid_theta.json")
 
 
 def _mid_index(cfg):
@@ -389,9 +221,8 @@ def mid_theta(cfg, family, lopt, out_dir, template, cache):
   it; otherwise meta-trained again up to that checkpoint's wall-clock mark
   (on a slower or busier core that is fewer outer steps) and saved.
   """
-  import flax.serialization  # pylint: disable=g-import-not-at-top
-  path = out_dir / MID_THETA_FILES[0]
-  if not path.exists():
+  theta = files.load_mid_theta(out_dir, template)
+  if theta is None:
     seconds = (cfg["train_seconds"] * _mid_index(cfg) /
                cfg["num_checkpoints"])
     study.progress(f"part 1: theta mid, HybridRPES {seconds:.0f} s")
@@ -399,19 +230,9 @@ def mid_theta(cfg, family, lopt, out_dir, template, cache):
                      cfg["stagger"])
     run = study.meta_train_timed(est, lopt, dict(cfg, train_seconds=seconds),
                                  cfg["seeds"][0], [seconds])
-    save_mid_theta(out_dir, run["checkpoints"][-1], cfg["seeds"][0])
-  return flax.serialization.from_bytes(template, path.read_bytes())
-
-
-def save_mid_theta(out_dir, checkpoint, seed):
-  """Writes a (seconds, outer step, inner steps, theta) checkpoint."""
-  import flax.serialization  # pylint: disable=g-import-not-at-top
-  seconds, step, inner, theta = checkpoint
-  (out_dir / MID_THETA_FILES[0]).write_bytes(
-      flax.serialization.to_bytes(theta))
-  (out_dir / MID_THETA_FILES[1]).write_text(json.dumps(dict(
-      seed=seed, seconds=seconds, outer_steps=step,
-      inner_steps=inner)) + "\n")
+    files.save_mid_theta(out_dir, run["checkpoints"][-1], cfg["seeds"][0])
+    theta = files.load_mid_theta(out_dir, template)
+  return theta
 
 
 def init_theta(cfg, lopt):
@@ -482,10 +303,10 @@ def main(argv=None):
   numbers = dict(config=cfg, estimators=list(cfg["estimators"]),
                  seeds=list(cfg["seeds"]))
   # Files of this run's own share only: other processes may share out_dir.
-  stale = [part_file(out_dir, "part2", n) for n in cfg["estimators"]]
+  stale = [files.part_file(out_dir, "part2", n) for n in cfg["estimators"]]
   if not args.part2_only:
     stale += (list(out_dir.glob("part1_*.json")) +
-              [out_dir / f for f in MID_THETA_FILES])
+              [out_dir / f for f in files.MID_THETA_FILES])
   for path in stale:
     path.unlink(missing_ok=True)
   cache = {}
@@ -503,16 +324,11 @@ def main(argv=None):
   return 0
 
 
-THETA_LABELS = ("init", "mid")
-
 
 def finish(out_dir, numbers, mode):
   """Part 1's files, part 3 (budget table), plots, results.json, summary.md."""
   cfg = numbers["config"]
-  collect_parts(out_dir, numbers)
-  mid_record = out_dir / MID_THETA_FILES[1]
-  if mid_record.exists():
-    numbers["mid_theta"] = json.loads(mid_record.read_text())
+  files.collect_parts(out_dir, numbers)
   if (numbers["part1_incomplete"] or numbers["part2_incomplete"]) and (
       mode != "quick"):
     mode = "partial"
@@ -520,10 +336,10 @@ def finish(out_dir, numbers, mode):
              for j in range(1, cfg["num_checkpoints"] + 1)]
   numbers["budget_table"] = study.budget_table(numbers["meta_training"],
                                                budgets)
-  _plot_training(out_dir, numbers["meta_training"])
-  _plot_quality(out_dir, numbers["gradient_quality"])
-  common.write_results(out_dir, numbers, summary(numbers, mode), mode)
-  print(summary(numbers, mode))
+  report.plot_training(out_dir, numbers["meta_training"])
+  report.plot_quality(out_dir, numbers["gradient_quality"])
+  common.write_results(out_dir, numbers, report.summary(numbers, mode), mode)
+  print(report.summary(numbers, mode))
   study.progress(f"wrote {out_dir}")
 
 
@@ -532,20 +348,11 @@ QUALITY_ONLY = dict(quality_points=(0, 500), quality_draws=6, ref_samples=50,
                     ref_draws=4, rp_ref_draws=6)
 
 
-def _stored(out_dir):
-  numbers = json.loads((out_dir / "results.json").read_text())
-  for key in ("mode", "date", "gradient_quality", "reference",
-              "reference_relative_stderr", "seconds_part1",
-              "part1_incomplete", "part2_incomplete", "mid_theta"):
-    numbers.pop(key, None)
-  return numbers
-
-
 def quality_only(out_dir, seed, labels, resume=False):
   """Reruns part 1 (QUALITY_ONLY sizes) at the thetas `labels` on a
   results.json holding part 2, then finishes with every part1_*.json there.
   The sizes used are stored as config["part1"]."""
-  cfg = dict(_stored(out_dir)["config"], **QUALITY_ONLY)
+  cfg = dict(files.stored(out_dir)["config"], **QUALITY_ONLY)
   family, _ = study.validation_family(cfg, seed=seed)
   lopt = meta_training.make_lopt()
   cache = {}
@@ -555,7 +362,7 @@ def quality_only(out_dir, seed, labels, resume=False):
         cfg, family, lopt, out_dir, theta0, cache)
     part1_quality(cfg, family, lopt, label, theta, out_dir, cache, resume)
   # Re-read: another process may have finished part 1 meanwhile.
-  numbers = _stored(out_dir)
+  numbers = files.stored(out_dir)
   numbers["config"]["part1"] = QUALITY_ONLY
   finish(out_dir, numbers, "full")
   return 0
@@ -564,9 +371,9 @@ def quality_only(out_dir, seed, labels, resume=False):
 def finish_stored(out_dir):
   """Finishes from what out_dir holds (e.g. after a run stopped out of time,
   or after parts ran in separate processes)."""
-  numbers = _stored(out_dir)
+  numbers = files.stored(out_dir)
   missing = [t for t in THETA_LABELS
-             if not part_file(out_dir, "part1", t).exists()]
+             if not files.part_file(out_dir, "part1", t).exists()]
   if numbers["config"].get("part2_only"):
     missing = []
   finish(out_dir, numbers, "partial" if missing else "full")

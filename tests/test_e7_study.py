@@ -12,6 +12,7 @@ import pytest
 
 from experiments import e7_estimator_study as e7
 from experiments.lib import estimator_study as study
+from experiments.lib import estimator_study_files as files
 
 D = 4000
 
@@ -65,12 +66,12 @@ def test_reference_is_es_alone_when_rp_draws_are_not_finite(truth):
 
 def test_collect_parts_merges_thetas_and_names_unfinished_ones(tmp_path):
   for label, complete in (("init", True), ("mid", False)):
-    e7.part_file(tmp_path, "part1", label).write_text(
+    files.part_file(tmp_path, "part1", label).write_text(
         '{"theta": "%s", "complete": %s, "seconds": 1.0, "reference": '
         '{"relative_stderr": 0.1}, "rows": [{"theta": "%s", "k": 10}]}'
         % (label, str(complete).lower(), label))
   numbers = {}
-  e7.collect_parts(tmp_path, numbers)
+  files.collect_parts(tmp_path, numbers)
   assert [r["theta"] for r in numbers["gradient_quality"]] == ["init", "mid"]
   assert set(numbers["reference"]) == {"init", "mid"}
   assert numbers["part1_incomplete"] == ["mid"]
@@ -79,12 +80,12 @@ def test_collect_parts_merges_thetas_and_names_unfinished_ones(tmp_path):
 def test_collect_parts_orders_estimators_and_names_unfinished_ones(
     tmp_path):
   for name, complete in (("TruncatedGrad", True), ("HybridRPES", False)):
-    e7.part_file(tmp_path, "part2", name).write_text(
+    files.part_file(tmp_path, "part2", name).write_text(
         '{"estimator": "%s", "complete": %s, "runs": [{"meta_test": [1.0]}]}'
         % (name, str(complete).lower()))
   numbers = {"config": {"estimators": ["TruncatedGrad"]},
              "meta_training": {"stale": []}}
-  e7.collect_parts(tmp_path, numbers)
+  files.collect_parts(tmp_path, numbers)
   assert list(numbers["meta_training"]) == ["HybridRPES", "TruncatedGrad"]
   assert numbers["estimators"] == numbers["config"]["estimators"] == [
       "HybridRPES", "TruncatedGrad"]
@@ -94,7 +95,7 @@ def test_collect_parts_orders_estimators_and_names_unfinished_ones(
 
 def test_results_json_without_part2_files_keeps_its_runs(tmp_path):
   numbers = {"config": {}, "meta_training": {"TruncatedES": [{}]}}
-  e7.collect_parts(tmp_path, numbers)
+  files.collect_parts(tmp_path, numbers)
   assert numbers["meta_training"] == {"TruncatedES": [{}]}
 
 
