@@ -324,7 +324,6 @@ def main(argv=None):
   return 0
 
 
-
 def finish(out_dir, numbers, mode):
   """Part 1's files, part 3 (budget table), plots, results.json, summary.md."""
   cfg = numbers["config"]
