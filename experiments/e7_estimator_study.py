@@ -128,10 +128,6 @@ def part2_meta_training(cfg, family, lopt, out_dir, numbers, cache, seed0):
   return runs
 
 
-def _reference_file(out_dir, label):
-  return out_dir / f"reference_{label}.npz"
-
-
 def _reference(cfg, family, lopt, theta, cache, out_dir, label):
   """The full-horizon smoothed objective's gradient at theta, and its account.
 
@@ -149,7 +145,7 @@ def _reference(cfg, family, lopt, theta, cache, out_dir, label):
   rp = _estimator(cache, "VariationalRP", family, lopt, cfg, T, False)
   rp_draws, _ = study.gradient_draws(rp, theta, 0, cfg["rp_ref_draws"],
                                      jax.random.PRNGKey(7))
-  np.savez(_reference_file(out_dir, label), es_draws=es_draws,
+  np.savez(files.reference_file(out_dir, label), es_draws=es_draws,
            rp_draws=rp_draws)
   return study.merged_reference(es_draws, rp_draws)
 
@@ -164,8 +160,8 @@ def part1_quality(cfg, family, lopt, label, theta, out_dir, cache,
   (reference_<label>.npz); only the estimators without rows are run.
   """
   t0 = time.perf_counter()
-  path, draws = files.part_file(out_dir, "part1", label), _reference_file(
-      out_dir, label)
+  path = files.part_file(out_dir, "part1", label)
+  draws = files.reference_file(out_dir, label)
   if resume and path.exists() and draws.exists():
     result = json.loads(path.read_text())
     saved = np.load(draws)
@@ -337,8 +333,9 @@ def finish(out_dir, numbers, mode):
                                                budgets)
   report.plot_training(out_dir, numbers["meta_training"])
   report.plot_quality(out_dir, numbers["gradient_quality"])
-  common.write_results(out_dir, numbers, report.summary(numbers, mode), mode)
-  print(report.summary(numbers, mode))
+  summary = report.summary(numbers, mode)
+  common.write_results(out_dir, numbers, summary, mode)
+  print(summary)
   study.progress(f"wrote {out_dir}")
 
 

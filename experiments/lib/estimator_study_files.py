@@ -20,6 +20,11 @@ def part_file(out_dir, part, label):
   return out_dir / f"{part}_{label}.json"
 
 
+def reference_file(out_dir, label):
+  """reference_<theta>.npz: part 1's reference draws (es_draws, rp_draws)."""
+  return out_dir / f"reference_{label}.npz"
+
+
 def write_part(out_dir, part, label, content):
   part_file(out_dir, part, label).write_text(
       json.dumps(common.jsonable(content), indent=1) + "\n")
