@@ -95,7 +95,7 @@ def measure(estimator, theta, start_state, lengths, num_draws, seed, label):
   n = estimator.num_tasks
   results = {}
   jobs = [(length, r) for length in lengths for r in range(num_draws)]
-  draws = {length: {m: [] for m in estimators.MODES} for length in lengths}
+  draws = {length: {m: [] for m in estimators.MERGES} for length in lengths}
   mean_losses = {length: [] for length in lengths}
   rp_nonfinite = {length: 0 for length in lengths}
   rp_weight = {length: [] for length in lengths}
@@ -106,9 +106,10 @@ def measure(estimator, theta, start_state, lengths, num_draws, seed, label):
     out = unroller.unroll(theta, eps, start_state, key_unroll, length,
                           with_rp_grads=True)
     mean_losses[length].append(float(jnp.mean(out.losses)))
-    for mode in estimators.MODES:
-      grad, diag = estimators.combine_samples(out.losses, out.rp_grads, eps,
-                                              SIGMA, mode=mode)
+    for mode in estimators.MERGES:
+      grad, diag = estimators.combine_samples(
+          out.losses, out.rp_grads, eps, SIGMA,
+          merge_fn=estimators.MERGES[mode])
       draws[length][mode].append(_flat(grad))
       if mode == "hybrid":
         # Non-finite RP samples are dropped by the merge (and by "rp").
@@ -117,7 +118,7 @@ def measure(estimator, theta, start_state, lengths, num_draws, seed, label):
   for length in lengths:
     row = {}
     var = {}
-    for mode in estimators.MODES:
+    for mode in estimators.MERGES:
       # float64: exploded RP variances overflow float32.
       g = np.stack(draws[length][mode]).astype(np.float64)  # [R, P]
       finite = np.all(np.isfinite(g), axis=1)
@@ -356,7 +357,7 @@ def main(argv=None):
   } for label in results}
 
   slopes = {label: {m: _slope(results, lengths, label, m)
-                    for m in estimators.MODES} for label in results}
+                    for m in estimators.MERGES} for label in results}
   elapsed = time.time() - start
   numbers = {
       "unroll_lengths": list(lengths),

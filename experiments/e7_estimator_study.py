@@ -231,15 +231,6 @@ def mid_theta(cfg, family, lopt, out_dir, template, cache):
   return theta
 
 
-def init_theta(cfg, lopt):
-  """The initial theta of the first seed's runs (as in meta_train_timed)."""
-  from pathology_fix.runtime import outer_loop  # pylint: disable=g-import-not-at-top
-  learner = outer_loop.learner(
-      lopt, outer_loop.paper_outer_optimizer(cfg["outer_lr"]))
-  k_init = jax.random.split(jax.random.PRNGKey(cfg["seeds"][0]), 3)[1]
-  return outer_loop.theta(learner, learner.init(k_init))
-
-
 def main(argv=None):
   p = common.parser(__doc__.splitlines()[0])
   p.add_argument("--finish", action="store_true",
@@ -310,7 +301,7 @@ def main(argv=None):
   if args.part2_only:
     finish(out_dir, numbers, mode)
     return 0
-  thetas = {"init": init_theta(cfg, lopt)}
+  thetas = {"init": study.init_theta(cfg, lopt)}
   thetas["mid"] = mid_theta(cfg, family, lopt, out_dir, thetas["init"],
                             cache)
   for label, theta in thetas.items():
@@ -352,7 +343,7 @@ def quality_only(out_dir, seed, labels, resume=False):
   family, _ = study.validation_family(cfg, seed=seed)
   lopt = meta_training.make_lopt()
   cache = {}
-  theta0 = init_theta(cfg, lopt)
+  theta0 = study.init_theta(cfg, lopt)
   for label in labels:
     theta = theta0 if label == "init" else mid_theta(
         cfg, family, lopt, out_dir, theta0, cache)

@@ -31,6 +31,7 @@ from experiments.lib import estimator_study as study
 from experiments.lib import estimator_study_files as files
 from experiments.lib import merge_quality as mq
 from experiments.lib import meta_training
+from pathology_fix_core import combine
 
 NAME = "e7_estimator_study"
 THETAS = ("init", "mid")
@@ -44,9 +45,8 @@ def draws_file(out_dir, theta, point, k):
 
 def thetas(cfg, out_dir, labels):
   """E7's init theta (seed 0's first) and its saved mid theta."""
-  from experiments import e7_estimator_study as e7  # pylint: disable=g-import-not-at-top
   lopt = meta_training.make_lopt()
-  theta0 = e7.init_theta(cfg, lopt)
+  theta0 = study.init_theta(cfg, lopt)
   found = {"init": theta0}
   if "mid" in labels:
     mid = files.load_mid_theta(out_dir, theta0)
@@ -77,6 +77,36 @@ def collect(cfg, out_dir, labels, sizes, seed):
                     for name in ("rp_pos", "rp_neg", "es")})
 
 
+def replay(out_dir, labels, sizes_cfg):
+  """Rows of merge quality from every saved draw file of `labels`."""
+  leaf_sizes = np.load(out_dir / "merge_draws" / "leaf_sizes.npy")
+  rows = []
+  for label in labels:
+    for k in sizes_cfg["ks"]:
+      for point in sizes_cfg["points"]:
+        path = draws_file(out_dir, label, point, k)
+        if not path.exists():
+          continue
+        d = np.load(path)
+        row = dict(theta=label, inner_step=point, k=k,
+                   draws=int(d["es"].shape[0]))
+        row.update(mq.replay(d["rp_pos"].astype(np.float64),
+                             d["rp_neg"].astype(np.float64),
+                             d["es"].astype(np.float64), leaf_sizes,
+                             combine.inverse_variance_merge))
+        row["meets_target"] = mq.meets_target(row)
+        row["oracle_above_target"] = row["oracle_over_best"] > 1.1
+        rows.append(row)
+  return rows
+
+
+def write(out_dir, rows, mode):
+  """merge_quality.json (read by e7_estimator_study's finish) and a table."""
+  (out_dir / "merge_quality.json").write_text(json.dumps(
+      common.jsonable(dict(mode=mode, rows=rows)), indent=1) + "\n")
+  print(mq.table(rows))
+
+
 def main(argv=None):
   p = common.parser(__doc__.splitlines()[0])
   p.add_argument("--theta", choices=THETAS, action="append",
@@ -99,6 +129,9 @@ def main(argv=None):
   if not args.replay_only:
     collect(cfg, out_dir, labels, sizes, args.seed)
   study.progress(f"collected in {time.perf_counter() - t0:.0f} s")
+  # Every theta with draws on disk, so one process per theta ends complete.
+  rows = replay(out_dir, THETAS, sizes)
+  write(out_dir, rows, "quick" if args.quick else "full")
   return 0
 
 

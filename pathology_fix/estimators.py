@@ -12,7 +12,8 @@ the same two unrolls:
 
 `HybridRPES` merges them per coordinate by inverse variance (`combine.py`);
 `VariationalRP` and `VariationalES` use one of them alone (the paper's
-ablations). `NoiseReuseES` (NRES, Li et al. 2023) instead keeps eps_i for a
+ablations). A variant is its merge function (`merge_hybrid`,
+`merge_rp_only`, `merge_es_only`) and the estimators it merges. `NoiseReuseES` (NRES, Li et al. 2023) instead keeps eps_i for a
 whole inner run and lets each branch continue its own run. All four are LO
 `GradientEstimator`s with the framework's constructor arguments (0.0.1's and
 GitHub main's), so they drop into `build_gradient_estimators`.
@@ -36,7 +37,6 @@ from pathology_fix import schedules
 from pathology_fix import unroll
 from pathology_fix_core import variational
 
-MODES = ("hybrid", "rp", "es")
 DEFAULT_UNROLL_LENGTH = 20
 
 
@@ -59,60 +59,71 @@ def _resolve_unroll_length(name: str, unroll_length: Optional[int],
   return trunc_length
 
 
-def _single_estimator(samples, name: str, weight: float):
-  """One estimator's guarded mean and its metrics (modes "rp" and "es")."""
-  grad, stats = combine.finite_mean(samples)
-  return grad, {
-      "rp_weight_mean": jnp.asarray(weight, jnp.float32),
-      f"{name}_nonfinite": stats["nonfinite"],
-      f"num_samples_{name}": stats["count"],
-      "overflow_zeroed": stats["zeroed"],
-  }
+def _rp_and_half_difference(rp_pair_grads):
+  """RP samples and their antithetic half-differences from dL[s, i]/dtheta."""
+  pos = jax.tree_util.tree_map(lambda g: g[0], rp_pair_grads)
+  neg = jax.tree_util.tree_map(lambda g: g[1], rp_pair_grads)
+  return (variational.rp_gradient_sample(pos, neg),
+          variational.rp_half_difference(pos, neg))
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "variance_eps"))
-def combine_samples(losses, rp_pair_grads, eps, sigma, mode: str,
-                    variance_eps: float = 1e-8):
-  """Per-sample RP and ES gradients from one antithetic truncation, merged.
+def merge_hybrid(losses, rp_pair_grads, eps, sigma, **merge_options):
+  """The paper's estimator: RP and ES samples merged by inverse variance."""
+  rp, half = _rp_and_half_difference(rp_pair_grads)
+  es = variational.es_gradient_sample(losses[0], losses[1], eps, sigma)
+  return combine.inverse_variance_merge(rp, es, half, **merge_options)
 
-  Every mode drops samples that are non-finite anywhere and zeroes any
-  coordinate whose result still overflows, so the gradient is always finite
-  (`combine.finite_mean` for "rp" and "es", `combine.inverse_variance_merge`
-  for "hybrid", which weighs each mean by its variance, var / count).
+
+def merge_rp_only(losses, rp_pair_grads, eps, sigma, **merge_options):
+  """Reparameterization alone: the mean of the finite RP samples."""
+  del losses, eps, sigma
+  rp, half = _rp_and_half_difference(rp_pair_grads)
+  return combine.inverse_variance_merge(rp, None, half, **merge_options)
+
+
+def merge_es_only(losses, rp_pair_grads, eps, sigma, **merge_options):
+  """Antithetic ES alone: the mean of the finite ES samples."""
+  del rp_pair_grads
+  es = variational.es_gradient_sample(losses[0], losses[1], eps, sigma)
+  return combine.inverse_variance_merge(None, es, **merge_options)
+
+
+# The variants by name (experiments and tests replay all three on one unroll).
+MERGES = {"hybrid": merge_hybrid, "rp": merge_rp_only, "es": merge_es_only}
+
+
+@functools.partial(jax.jit, static_argnames=("merge_fn", "rp_pooling",
+                                             "es_pooling", "min_samples"))
+def combine_samples(losses, rp_pair_grads, eps, sigma, merge_fn,
+                    rp_pooling=combine.per_coordinate,
+                    es_pooling=combine.per_tensor,
+                    min_samples: int = combine.MIN_FINITE_SAMPLES):
+  """One truncation's per-sample gradients, merged by ``merge_fn``.
+
+  Every variant goes through `combine.inverse_variance_merge`: samples
+  non-finite anywhere are dropped and coordinates that still overflow are
+  zeroed, so the gradient is always finite.
 
   Args:
     losses: [2, n] mean meta-losses of the theta+eps (row 0) and theta-eps
       (row 1) unrolls.
-    rp_pair_grads: theta-shaped leaves [2, n, ...], dL[s, i]/dtheta (None for
-      mode "es").
+    rp_pair_grads: theta-shaped leaves [2, n, ...], dL[s, i]/dtheta (None
+      when the variant needs no reverse pass).
     eps: theta-shaped leaves [n, ...].
     sigma: perturbation scale.
-    mode: "hybrid" (inverse-variance merge), "rp" or "es".
-    variance_eps: added to both per-coordinate variances of the means.
+    merge_fn: `merge_hybrid`, `merge_rp_only`, `merge_es_only` or a function
+      with their signature.
+    rp_pooling, es_pooling, min_samples: passed to the merge.
 
   Returns:
-    (gradient shaped like theta, dict of scalar diagnostics). Every mode
-    reports ``rp_weight_mean`` (1 for "rp", 0 for "es") and
-    ``overflow_zeroed`` (coordinates set to 0), and for each estimator it
-    uses ``{rp,es}_nonfinite`` (samples dropped) and ``num_samples_{rp,es}``
-    (finite samples kept); "hybrid" adds the merge's diagnostics.
+    (gradient shaped like theta, dict of scalar diagnostics; see
+    `combine.inverse_variance_merge`).
   """
-  if mode not in MODES:
-    raise ValueError(f"combine_samples.mode ({mode!r}) must be one of {MODES}")
-  if mode != "rp":
-    es = variational.es_gradient_sample(losses[0], losses[1], eps, sigma)
-  if mode == "es":
-    return _single_estimator(es, "es", 0.0)
-  rp = variational.rp_gradient_sample(
-      jax.tree_util.tree_map(lambda g: g[0], rp_pair_grads),
-      jax.tree_util.tree_map(lambda g: g[1], rp_pair_grads))
-  if mode == "rp":
-    return _single_estimator(rp, "rp", 1.0)
-  return combine.inverse_variance_merge(rp, es, variance_eps)
+  return merge_fn(losses, rp_pair_grads, eps, sigma, rp_pooling=rp_pooling,
+                  es_pooling=es_pooling, min_samples=min_samples)
 
 
-def _combine_as_theta(theta, losses, rp_pair_grads, eps, sigma, mode,
-                      variance_eps):
+def _combine_as_theta(theta, losses, rp_pair_grads, eps, sigma, **options):
   """`combine_samples` on theta's leaves; the gradient has theta's treedef.
 
   Learned optimizers keep namedtuples (haiku's LSTMState) and custom nodes
@@ -124,9 +135,8 @@ def _combine_as_theta(theta, losses, rp_pair_grads, eps, sigma, mode,
   eps_leaves = treedef.flatten_up_to(eps)
   rp_leaves = (None if rp_pair_grads is None else
                treedef.flatten_up_to(rp_pair_grads))
-  grad_leaves, diagnostics = combine_samples(
-      losses, rp_leaves, eps_leaves, sigma, mode=mode,
-      variance_eps=variance_eps)
+  grad_leaves, diagnostics = combine_samples(losses, rp_leaves, eps_leaves,
+                                             sigma, **options)
   return jax.tree_util.tree_unflatten(treedef, grad_leaves), diagnostics
 
 
@@ -155,8 +165,15 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
       the meta_loss_evals batches is clipped at max_loss, then averaged;
       "mean": their mean is clipped (a diverged batch can zero the step's
       gradient). See `objectives.batch_averaged_meta_loss`.
-    variance_eps: added to the per-coordinate variance of each mean
-      (var / count) that the merge weighs by.
+    rp_variance_pooling, es_variance_pooling: "coordinate" or "tensor":
+      whether the merge weighs each coordinate by its own variance estimate
+      or by its tensor's mean (defaults: RP per coordinate, since its
+      variance spans orders of magnitude within a tensor; ES per tensor,
+      since its variance is nearly uniform there and n samples estimate it
+      poorly per coordinate). See `combine.py`.
+    min_finite_samples: finite samples an estimator needs for weight in the
+      merge (default 5, see `combine.MIN_FINITE_SAMPLES`); HybridRPES needs
+      num_tasks >= it.
     rematerialize: True, False or "auto" (see `vjp_engine.ChunkedVJP`):
       recompute each chunk's forward in the backward pass, or keep residuals.
     remat_chunk_threshold: with "auto", rematerialize truncations of more
@@ -165,7 +182,10 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
       (None: a quarter of the device memory; 4096 MiB on CPU).
     shard_samples: split the samples across local devices when several.
   """
-  mode: str = "hybrid"
+  # The variant: how per-sample values become the gradient, and which
+  # estimators it merges (a reverse pass runs only when "rp" is among them).
+  merge_fn = staticmethod(merge_hybrid)
+  merged = ("rp", "es")
 
   def __init__(self,
                task_family,
@@ -181,7 +201,9 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
                max_loss: float = 10.0,
                meta_loss_clip_mode: str = "per_batch",
                random_initial_iteration_offset: int = 0,
-               variance_eps: float = 1e-8,
+               rp_variance_pooling: str = "coordinate",
+               es_variance_pooling: str = "tensor",
+               min_finite_samples: int = combine.MIN_FINITE_SAMPLES,
                rematerialize: Any = "auto",
                remat_chunk_threshold: int = 10,
                remat_memory_budget_mb: Optional[float] = None,
@@ -222,8 +244,17 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
       raise ValueError(
           f"{name}.meta_loss_split='outer_valid' needs a task family with "
           f"datasets; {task_family.name} has none (use 'train')")
-    if not variance_eps > 0:
-      raise ValueError(f"{name}.variance_eps ({variance_eps!r}) must be > 0")
+    self.merge_options = dict(
+        rp_pooling=combine.pooling(rp_variance_pooling,
+                                   f"{name}.rp_variance_pooling"),
+        es_pooling=combine.pooling(es_variance_pooling,
+                                   f"{name}.es_variance_pooling"),
+        min_samples=_check_min_finite_samples(name, min_finite_samples))
+    if len(self.merged) == 2 and num_tasks < min_finite_samples:
+      raise ValueError(
+          f"{name}.num_tasks ({num_tasks}) must be >= {name}."
+          f"min_finite_samples ({min_finite_samples}): the merge weighs each "
+          "estimator by a variance estimated from its finite samples")
 
     self.task_family = task_family
     self.learned_opt = learned_opt
@@ -233,7 +264,6 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
     self.steps_per_jit = int(steps_per_jit)
     self.truncation_length = truncation_length
     self.random_initial_iteration_offset = int(random_initial_iteration_offset)
-    self.variance_eps = float(variance_eps)
     self.unroller = unroll.AntitheticUnroller(
         task_family,
         learned_opt,
@@ -308,11 +338,11 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
     eps = self.perturbations(key, theta)
     theta = unroller.sharding.replicate(theta)
     losses, rp_grads, next_state = unroller.truncate(
-        theta, eps, state, key_unroll, k, with_rp_grads=self.mode != "es",
+        theta, eps, state, key_unroll, k, with_rp_grads="rp" in self.merged,
         steps_left=steps_left)
     grad, diagnostics = _combine_as_theta(theta, losses, rp_grads, eps,
-                                          self.sigma, self.mode,
-                                          self.variance_eps)
+                                          self.sigma, merge_fn=self.merge_fn,
+                                          **self.merge_options)
     mean_loss, metrics, unroll_info = self._finish(state, next_state, losses,
                                                    diagnostics)
     metrics["mean||truncation_length"] = jnp.asarray(k, jnp.float32)
@@ -350,27 +380,38 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
 @gin.configurable
 class HybridRPES(VariationalEstimator):
   """The paper's estimator: RP and ES merged per coordinate by inverse variance."""
-  mode = "hybrid"
+  merge_fn = staticmethod(merge_hybrid)
+  merged = ("rp", "es")
 
 
 @gin.configurable
 class VariationalRP(VariationalEstimator):
   """Reparameterization (backprop through the perturbed unrolls) only."""
-  mode = "rp"
+  merge_fn = staticmethod(merge_rp_only)
+  merged = ("rp",)
 
 
 @gin.configurable
 class VariationalES(VariationalEstimator):
   """Antithetic evolution strategies only; no reverse pass is run."""
-  mode = "es"
+  merge_fn = staticmethod(merge_es_only)
+  merged = ("es",)
+
+
+def _check_min_finite_samples(name: str, value) -> int:
+  if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or
+      value < 2):
+    raise ValueError(f"{name}.min_finite_samples ({value!r}) must be an "
+                     "integer >= 2: a variance needs two samples")
+  return int(value)
 
 
 @jax.jit
 def noise_reuse_gradient(losses, eps, sigma, weight):
   """NRES samples of one truncation (`variational.noise_reuse_es_sample`), averaged.
 
-  Samples non-finite anywhere are dropped and coordinates whose mean still
-  overflows are zeroed (`combine.finite_mean`), as in `combine_samples`.
+  The ES-alone path of `combine.inverse_variance_merge`: samples non-finite
+  anywhere are dropped and coordinates whose mean still overflows are zeroed.
 
   Args:
     losses: [2, n] mean losses of the theta + eps (row 0) and theta - eps
@@ -380,12 +421,11 @@ def noise_reuse_gradient(losses, eps, sigma, weight):
     weight: [n], this truncation's steps over the nominal length.
 
   Returns:
-    (gradient shaped like one eps row, the "es" diagnostics of
-    `combine_samples`).
+    (gradient shaped like one eps row, the merge's diagnostics).
   """
   samples = variational.noise_reuse_es_sample(losses[0], losses[1], eps,
                                               sigma, weight)
-  return _single_estimator(samples, "es", 0.0)
+  return combine.inverse_variance_merge(None, samples)
 
 
 @flax.struct.dataclass
@@ -422,7 +462,8 @@ class NoiseReuseES(VariationalEstimator):
   staleness. The same constructor arguments as the other estimators; no
   reverse pass is run.
   """
-  mode = "es"
+  merge_fn = staticmethod(merge_es_only)
+  merged = ("es",)
 
   def init_worker_state(self, worker_weights, key):
     key_problems, key_eps = jax.random.split(key)

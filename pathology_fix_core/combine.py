@@ -1,49 +1,99 @@
-"""Per-coordinate inverse-variance merge of the RP and ES gradient estimates.
+"""The merge of RP and ES gradient samples: per coordinate, by inverse variance.
 
-Given RP and ES samples of the same gradient (Metz et al. 2019, Sec. 4.3),
-for every coordinate of theta, over the FINITE samples of each estimator
-(``c_rp`` and ``c_es`` of them):
+The paper (Metz et al. 2019, Sec. 4.3; `docs/method.md`) weighs the mean of
+each estimator by the inverse of its variance. Over the FINITE samples of each
+estimator (``c_rp`` and ``c_es`` of them), per coordinate of theta:
 
-  mean_rp, mean_es   = sample means
-  s2_rp,   s2_es     = unbiased per-sample variances (divide by c - 1)
-  v_rp,    v_es      = s2_rp / c_rp + eps,  s2_es / c_es + eps
-                       (the variances of the two MEANS)
-  w_rp               = (1 / v_rp) / (1 / v_rp + 1 / v_es)
-  g                  = w_rp * mean_rp + (1 - w_rp) * mean_es
+  mean_rp, mean_es    sample means
+  v_rp, v_es          the noise of each MEAN that the weights see (below)
+  w_rp                = v_es / (v_rp + v_es)
+  g                   = w_rp * mean_rp + (1 - w_rp) * mean_es
 
-With equal counts this equals the paper's formula on per-sample variances.
-With unequal counts (samples dropped as non-finite) the estimator that kept
-fewer samples gets proportionally less weight: 8 surviving RP samples of the
-same spread as 128 ES samples get w_rp = 8 / 136 = 0.059, not 0.5.
+What the weights see, and why:
 
-Robustness (all jit-able, no Python branching on values): a sample whose
-value is non-finite in ANY coordinate of ANY leaf is dropped from its own
-estimator's statistics, so an exploding RP unroll cannot poison ES (and vice
-versa). An estimator left with fewer than 2 finite samples has no variance
-estimate and gets weight 0; if both do, the merged gradient is 0. A
-coordinate whose result still overflows (finite samples so large that their
-sum is inf) is set to 0 and counted. `finite_mean` applies the same dropping
-and the same final guard to a single estimator (the RP-only and ES-only
-modes), so every mode returns a finite gradient.
+* Only each estimator's OWN noise. Sample i's RP and ES values come from the
+  same two unrolls, on the same task and batches: both are that sample's
+  smoothed gradient s_i plus a noise of their own, rp_i = s_i + x_i and
+  es_i = s_i + e_i. The spread of s_i over tasks is in both means alike; no
+  weight removes it, and counting it in both variances pulls the weights
+  towards 1/2 and lets ES noise in. The minimum-variance weight is
+  Var(e) / (Var(x) + Var(e)). RP's own noise is read from the antithetic
+  half-difference h_i = (grad L(theta + eps_i) - grad L(theta - eps_i)) / 2,
+  which shares sample i's task and batches and so holds no s_i: where the
+  unroll is chaotic the two gradients are independent and h_i has exactly
+  the variance of x_i; where it is smooth h_i's (first-order) variance is the
+  larger, so RP is never over-trusted. RP's noise is
+  min(var(rp) / c_rp, mean(h^2) / c_rp) per coordinate (`rp_noise`); without
+  half-differences it is var(rp) / c_rp, the paper's rule.
+* ES's variance is pooled per tensor by default (`per_tensor`): ES's noise
+  is nearly the same for every coordinate of a tensor (about
+  |g|^2 + g_j^2 per sample), and averaging the estimate over the tensor
+  removes the estimation noise of c samples. RP's noise spans orders of
+  magnitude within a tensor, so it stays per coordinate (`per_coordinate`).
+  Either pooling can be passed for either estimator.
+* No absolute floor: the weights are a ratio of variances, so scaling every
+  sample by a gives a * g with identical weights. Only the float's smallest
+  normal number is added to each variance, so 0 / 0 cannot occur.
+* An estimator gets weight only with at least ``min_samples`` finite samples
+  (default `MIN_FINITE_SAMPLES` = 5). Why 5: its variance estimate then has
+  c - 1 >= 4 degrees of freedom. When RP is R times noisier than ES on a
+  coordinate, a chance-low RP variance estimate lets that noise in with an
+  expected excess of order R^(1 - (c - 1) / 2) times ES's variance: for
+  c <= 3 it does not vanish as R grows, for c >= 5 it falls at least as 1/R.
+  If neither estimator has ``min_samples``, the one with more finite samples
+  is used alone (RP on a tie); with none at all the result is 0 and the
+  ``skipped`` diagnostic is 1.
 
-Known bias: the weights and the means come from the same samples, so they are
-correlated, and the merge is not exactly unbiased when a sample mean and its
-sample variance move together. Measured on RP samples drawn from a lognormal
-(exp(N(0, 1)), mean 1.649, variance 4.67) and ES samples from a normal of the
-same mean and variance, n = 128 each, 20,000 repetitions in float32: the
-merged estimate's mean was 0.018 too low (bias -0.018 +- 0.001, i.e. -1.1% of
-the true mean and 0.14 of the merged estimate's standard deviation, 0.135).
-A high lognormal sample mean comes with a high sample variance, hence a low
-RP weight. `tests/test_combine.py::test_documented_bias_on_skewed_rp`
-re-measures this figure.
+A sample whose value is non-finite in ANY coordinate of ANY leaf is dropped
+from its own estimator, so an exploding RP unroll cannot poison ES. A
+coordinate whose result still overflows is set to 0 and counted. With one
+estimator (the other given as None: the RP-only and ES-only ablations,
+NoiseReuseES) the same function returns the mean of its finite samples; no
+variance is needed, so any finite sample counts.
+
+Known bias: the weights come from the same samples as the means, so the merge
+is not exactly unbiased when a sample mean and its variance move together
+(e.g. skewed RP samples: a high mean comes with a high variance, hence a low
+RP weight). `tests/test_combine.py` measures it against an exact calculation.
 """
 
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
 PyTree = Any
+Pooling = Callable[[jax.Array], jax.Array]
+
+MIN_FINITE_SAMPLES = 5
+
+
+def per_coordinate(variance: jax.Array) -> jax.Array:
+  """Pooling that keeps every coordinate's own variance estimate."""
+  return variance
+
+
+def per_tensor(variance: jax.Array) -> jax.Array:
+  """Pooling that gives every coordinate of a tensor the tensor's mean.
+
+  The mean is over the finite entries; an entry that overflowed keeps its
+  inf/NaN, so one overflowing coordinate cannot spoil the rest of the tensor.
+  """
+  finite = jnp.isfinite(variance)
+  mean = jnp.sum(jnp.where(finite, variance, 0)) / jnp.maximum(
+      jnp.sum(finite), 1).astype(variance.dtype)
+  return jnp.where(finite, mean, variance)
+
+
+POOLINGS = {"coordinate": per_coordinate, "tensor": per_tensor}
+
+
+def pooling(name: str, parameter: str = "pooling") -> Pooling:
+  """The pooling function called ``name`` ("coordinate" or "tensor")."""
+  if name not in POOLINGS:
+    raise ValueError(f"{parameter} ({name!r}) must be one of "
+                     f"{sorted(POOLINGS)}")
+  return POOLINGS[name]
 
 
 def _leading_size(tree: PyTree) -> int:
@@ -100,8 +150,7 @@ def masked_mean_and_variance(
 
   Unselected samples are replaced by 0 before any sum, so their inf/NaN
   values never reach the result. With ``c == 0`` the mean and variance are
-  0; with ``c == 1`` the variance is 0 (callers must treat ``c < 2`` as "no
-  variance estimate").
+  0; with ``c == 1`` the variance is 0.
 
   Args:
     tree: pytree with floating leaves of shape ``[n, ...]``.
@@ -126,10 +175,7 @@ def masked_mean_and_variance(
 
 
 def zero_nonfinite(tree: PyTree) -> Tuple[PyTree, jax.Array]:
-  """The final guard of every mode: non-finite coordinates become 0.
-
-  Args:
-    tree: pytree of arrays.
+  """The final guard: non-finite coordinates become 0.
 
   Returns:
     ``(guarded, num_zeroed)``: ``tree`` with every inf/NaN entry replaced by
@@ -143,64 +189,38 @@ def zero_nonfinite(tree: PyTree) -> Tuple[PyTree, jax.Array]:
   return guarded, jnp.asarray(num_zeroed, jnp.int32)
 
 
-def finite_mean(samples: PyTree) -> Tuple[PyTree, Dict[str, jax.Array]]:
-  """Mean of one estimator's finite samples, guarded to stay finite.
-
-  The single-estimator counterpart of `inverse_variance_merge`, with the same
-  robustness: samples non-finite anywhere are dropped (``per_sample_finite``),
-  the rest are averaged, and a coordinate whose average still overflows
-  (e.g. 16 finite float32 samples of 3e37 sum to inf) is set to 0. With no
-  finite sample the result is 0.
-
-  Args:
-    samples: pytree with leaves ``[n, ...]``.
-
-  Returns:
-    ``(mean, stats)``: ``mean`` has leaves ``[...]``; ``stats`` holds int32
-    scalars ``count`` (finite samples averaged), ``nonfinite`` (samples
-    dropped, ``n - count``) and ``zeroed`` (coordinates set to 0).
-  """
-  n = _leading_size(samples)
-  mask = per_sample_finite(samples)
-  count = jnp.sum(mask.astype(jnp.int32))
-  mean = jax.tree_util.tree_map(
-      lambda x: _masked_mean(jnp.asarray(x), mask, count), samples)
-  mean, zeroed = zero_nonfinite(mean)
-  return mean, {"count": count, "nonfinite": (n - count).astype(jnp.int32),
-                "zeroed": zeroed}
-
-
 def merge_statistics(mean_rp: PyTree, var_rp: PyTree, mean_es: PyTree,
                      var_es: PyTree) -> Tuple[PyTree, PyTree]:
   """The inverse-variance formula, per coordinate.
 
-  ``var_rp`` and ``var_es`` are the variances of the two estimates being
-  merged (for sample means: per-sample variance / count, see
-  `inverse_variance_merge`).
+    w_rp = var_es / (var_rp + var_es)
+    g    = w_rp * mean_rp + (1 - w_rp) * mean_es
 
-    w_rp = (1 / var_rp) / (1 / var_rp + 1 / var_es)
-    g    = (mean_rp / var_rp + mean_es / var_es) / (1 / var_rp + 1 / var_es)
-
-  A variance of ``+inf`` gives that estimator weight 0 (its mean must then
-  still be finite). If both precisions are 0 the result is ``g = 0``,
-  ``w_rp = 0``.
+  (the same as weighing each mean by 1 / its variance, written as a ratio so
+  it does not depend on the variances' scale). ``var_*`` are the variances of
+  the two estimates being merged; the float's tiny is added to each so that
+  two zero variances give w_rp = 1/2. A variance of ``+inf`` gives that
+  estimator weight 0 (its mean must then still be finite); where both are
+  ``+inf``, g is NaN (for the caller's guard) and w_rp 1/2.
 
   Args:
     mean_rp, var_rp, mean_es, var_es: pytrees of one structure with matching
-      leaf shapes ``[...]``; variances must be > 0 (add eps beforehand).
+      leaf shapes ``[...]``; variances >= 0.
 
   Returns:
     ``(g, w_rp)``: pytrees shaped like ``mean_rp``.
   """
   def formula(m_rp, v_rp, m_es, v_es):
-    p_rp = 1.0 / v_rp
-    p_es = 1.0 / v_es
-    total = p_rp + p_es
-    safe_total = jnp.where(total > 0, total, 1)
-    # Guard each term so a zero-precision estimator contributes exactly 0.
-    num = (jnp.where(p_rp > 0, m_rp * p_rp, 0) +
-           jnp.where(p_es > 0, m_es * p_es, 0))
-    return num / safe_total, p_rp / safe_total
+    tiny = jnp.finfo(jnp.result_type(v_rp, v_es)).tiny
+    v_rp, v_es = v_rp + tiny, v_es + tiny
+    both_inf = jnp.isinf(v_rp) & jnp.isinf(v_es)
+    w = jnp.where(both_inf, 0.5, jnp.where(jnp.isinf(v_es), 1.0,
+                                           v_es / (v_rp + v_es)))
+    # Exactly one mean where the other has weight 0 (inf * 0 would be NaN);
+    # NaN where neither variance is finite, for the caller's guard.
+    g = jnp.where(w == 1, m_rp, jnp.where(w == 0, m_es,
+                                          w * m_rp + (1 - w) * m_es))
+    return jnp.where(both_inf, jnp.nan, g), w
 
   pairs = jax.tree_util.tree_map(formula, mean_rp, var_rp, mean_es, var_es)
   return _pick(pairs, 0), _pick(pairs, 1)
@@ -212,96 +232,152 @@ def _concat_flat(tree: PyTree) -> jax.Array:
   return jnp.concatenate([x.astype(dtype) for x in leaves])
 
 
+def rp_noise(rp_var: jax.Array, rp_half_difference_sq: Optional[jax.Array],
+             count: jax.Array) -> jax.Array:
+  """RP's own noise in its mean: min(var(rp), mean(h^2)) / c (module doc)."""
+  own = rp_var if rp_half_difference_sq is None else jnp.minimum(
+      rp_var, rp_half_difference_sq)
+  return own / jnp.maximum(count, 1).astype(own.dtype)
+
+
+def _check_trees(rp_samples, es_samples, rp_half_differences):
+  if rp_samples is None and es_samples is None:
+    raise ValueError("inverse_variance_merge needs rp_samples, es_samples "
+                     "or both")
+  trees = [t for t in (rp_samples, es_samples, rp_half_differences)
+           if t is not None]
+  structures = {jax.tree_util.tree_structure(t) for t in trees}
+  if len(structures) != 1:
+    raise ValueError("rp_samples, es_samples and rp_half_differences must "
+                     "have the same structure")
+  for t in trees:
+    _leading_size(t)
+  if rp_half_differences is not None and (
+      rp_samples is None or
+      _leading_size(rp_half_differences) != _leading_size(rp_samples)):
+    raise ValueError("rp_half_differences needs rp_samples with the same "
+                     "number of samples")
+
+
+def _estimator_stats(samples, extra=None):
+  """(mean, var, mean of extra^2 or None, count, dropped) over finite rows."""
+  mask = per_sample_finite(samples)
+  if extra is not None:
+    mask = mask & per_sample_finite(extra)
+  mean, var, count = masked_mean_and_variance(samples, mask)
+  extra_sq = None if extra is None else jax.tree_util.tree_map(
+      lambda h: _masked_mean(jnp.asarray(h) ** 2, mask, count), extra)
+  dropped = (_leading_size(samples) - count).astype(jnp.int32)
+  return mean, var, extra_sq, count, dropped
+
+
+def _absent(like):
+  """The statistics of an estimator that was not given: no finite sample."""
+  zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(jnp.shape(x)[1:],
+                                                      jnp.asarray(x).dtype),
+                                 like)
+  return zeros, zeros, None, jnp.asarray(0, jnp.int32), jnp.asarray(
+      0, jnp.int32)
+
+
 def inverse_variance_merge(
-    rp_samples: PyTree,
-    es_samples: PyTree,
-    eps: float = 1e-8) -> Tuple[PyTree, Dict[str, jax.Array]]:
+    rp_samples: Optional[PyTree],
+    es_samples: Optional[PyTree],
+    rp_half_differences: Optional[PyTree] = None,
+    *,
+    rp_pooling: Pooling = per_coordinate,
+    es_pooling: Pooling = per_tensor,
+    min_samples: int = MIN_FINITE_SAMPLES,
+) -> Tuple[PyTree, Dict[str, jax.Array]]:
   """Merges RP and ES gradient samples by per-coordinate inverse variance.
 
-  Per coordinate, over the ``c_rp`` finite RP and ``c_es`` finite ES samples
-  (see module docstring), each mean is weighted by the inverse of ITS
-  variance, ``v = unbiased sample variance / c + eps``:
-  ``g = (mean_rp / v_rp + mean_es / v_es) / (1 / v_rp + 1 / v_es)``.
-  Unequal counts therefore shift weight towards the estimator that kept more
-  samples, as the variance of its mean is smaller.
-
-  Fallbacks (chosen with ``jnp.where``, so the function stays jit-able):
-    * fewer than 2 finite RP samples: ``g = mean_es`` exactly (``w_rp = 0``);
-    * fewer than 2 finite ES samples: ``g = mean_rp`` exactly (``w_rp = 1``);
-    * both: ``g = 0`` (``w_rp = 0``).
-  A coordinate whose statistics still overflow (finite samples so large that
-  the sum or square is inf) is set to 0 (`zero_nonfinite`, the guard the
-  single-estimator `finite_mean` uses too), so the result is always finite.
-
-  The weights are estimated from the same samples as the means, which biases
-  the merge slightly when the samples are skewed (module docstring).
+  See the module docstring for the rule. Jit-able; no Python branching on
+  values.
 
   Args:
-    rp_samples: pytree with leaves ``[n_rp, ...]``; one RP sample per row.
-    es_samples: pytree of the same structure, leaves ``[n_es, ...]`` with the
-      same trailing shapes (normally ``n_es == n_rp``).
-    eps: added to both variances of the means.
+    rp_samples: pytree with leaves ``[n_rp, ...]``, one RP sample per row, or
+      None (ES alone).
+    es_samples: pytree of the same structure, leaves ``[n_es, ...]``, or None
+      (RP alone).
+    rp_half_differences: optional, shaped like ``rp_samples``: each sample's
+      (grad L(theta + eps) - grad L(theta - eps)) / 2, from which RP's own
+      noise is read (`rp_noise`); None weighs RP by its whole variance.
+    rp_pooling, es_pooling: how each estimator's per-coordinate variance is
+      pooled within a tensor: `per_coordinate` (RP's default) or
+      `per_tensor` (ES's default).
+    min_samples: finite samples an estimator needs to get weight when both
+      are given (>= 2).
 
   Returns:
     ``(g, diagnostics)``. ``g`` is a pytree with leaves ``[...]``.
     ``diagnostics`` maps to scalars:
       ``rp_weight_mean``: mean of ``w_rp`` over all coordinates of all leaves;
-      ``rp_log_var_median``, ``es_log_var_median``: median over all
-        coordinates of ``log(v)``, the variance of each mean as weighted
-        (``+inf`` when the estimator had < 2 finite samples, i.e. it was
-        treated as infinitely noisy);
+      ``rp_log_var_median``, ``es_log_var_median``: median over coordinates
+        of the log of the variance each mean was weighted by (``+inf`` for
+        an estimator without weight);
       ``rp_nonfinite``, ``es_nonfinite``: int32 numbers of dropped samples;
-      ``num_samples_rp``, ``num_samples_es``: int32 numbers of finite samples
-        kept, ``c_rp`` and ``c_es``;
-      ``overflow_zeroed``: int32 number of coordinates of ``g`` set to 0
-        because they overflowed.
+      ``num_samples_rp``, ``num_samples_es``: int32 finite samples kept;
+      ``overflow_zeroed``: int32 coordinates of ``g`` set to 0 because they
+        overflowed;
+      ``skipped``: int32, 1 when no sample of any estimator was finite (``g``
+        is then 0 and carries no information).
   """
-  if (jax.tree_util.tree_structure(rp_samples) !=
-      jax.tree_util.tree_structure(es_samples)):
-    raise ValueError("rp_samples and es_samples must have the same structure")
-  n_rp = _leading_size(rp_samples)
-  n_es = _leading_size(es_samples)
+  if int(min_samples) < 2:
+    raise ValueError(f"min_samples ({min_samples!r}) must be >= 2: a "
+                     "variance needs two samples")
+  _check_trees(rp_samples, es_samples, rp_half_differences)
+  rp = (_absent(es_samples) if rp_samples is None else
+        _estimator_stats(rp_samples, rp_half_differences))
+  es = (_absent(rp_samples) if es_samples is None else
+        _estimator_stats(es_samples))
+  (mean_rp, var_rp, h_sq, count_rp, dropped_rp) = rp
+  (mean_es, var_es, _, count_es, dropped_es) = es
 
-  mean_rp, var_rp, count_rp = masked_mean_and_variance(
-      rp_samples, per_sample_finite(rp_samples))
-  mean_es, var_es, count_es = masked_mean_and_variance(
-      es_samples, per_sample_finite(es_samples))
-  rp_ok = count_rp >= 2
-  es_ok = count_es >= 2
+  both = rp_samples is not None and es_samples is not None
+  rp_ok = count_rp >= min_samples
+  es_ok = count_es >= min_samples
+  # Who carries the gradient: both (merge), or one alone.
+  rp_alone = ~es_ok & (rp_ok | (count_rp >= jnp.maximum(count_es, 1)))
+  es_alone = ~rp_ok & ~rp_alone & (count_es >= 1)
+  if not both:
+    rp_alone = jnp.asarray(rp_samples is not None) & (count_rp >= 1)
+    es_alone = jnp.asarray(es_samples is not None) & (count_es >= 1)
+  merged_ok = both & rp_ok & es_ok
 
-  # Variance of the mean; without a variance estimate, infinitely noisy.
-  def mean_var(v, count, ok):
-    return jnp.where(ok, v / count.astype(v.dtype) + eps, jnp.inf
-                     ).astype(v.dtype)
+  if h_sq is None:
+    noise_rp = jax.tree_util.tree_map(
+        lambda v: rp_pooling(rp_noise(v, None, count_rp)), var_rp)
+  else:
+    noise_rp = jax.tree_util.tree_map(
+        lambda v, h: rp_pooling(rp_noise(v, h, count_rp)), var_rp, h_sq)
+  noise_es = jax.tree_util.tree_map(
+      lambda v: es_pooling(v / jnp.maximum(count_es, 1).astype(v.dtype)),
+      var_es)
+  merged, w_merge = merge_statistics(mean_rp, noise_rp, mean_es, noise_es)
 
-  var_rp = jax.tree_util.tree_map(lambda v: mean_var(v, count_rp, rp_ok),
-                                  var_rp)
-  var_es = jax.tree_util.tree_map(lambda v: mean_var(v, count_es, es_ok),
-                                  var_es)
-  merged, w_rp = merge_statistics(mean_rp, var_rp, mean_es, var_es)
-
-  def select(g, m_rp, m_es, v_rp, v_es):
-    # Both variances overflowed: NaN, so the guard below zeroes and counts it.
-    g = jnp.where(jnp.isinf(v_rp) & jnp.isinf(v_es), jnp.nan, g)
-    # Exact single-estimator fallbacks, not g's rounding of them.
-    return jnp.where(rp_ok & es_ok, g,
-                     jnp.where(rp_ok, m_rp, jnp.where(es_ok, m_es, 0)))
+  def select(g, m_rp, m_es):
+    return jnp.where(merged_ok, g, jnp.where(
+        rp_alone, m_rp, jnp.where(es_alone, m_es, 0))).astype(m_rp.dtype)
 
   g, overflow_zeroed = zero_nonfinite(
-      jax.tree_util.tree_map(select, merged, mean_rp, mean_es, var_rp,
-                             var_es))
+      jax.tree_util.tree_map(select, merged, mean_rp, mean_es))
   w_rp = jax.tree_util.tree_map(
-      lambda w: jnp.where(rp_ok & es_ok, w, jnp.where(rp_ok, 1, 0)
-                          ).astype(w.dtype), w_rp)
+      lambda w: jnp.where(merged_ok, w, jnp.where(rp_alone, 1, 0)
+                          ).astype(w.dtype), w_merge)
+
+  def log_median(noise, weighted):
+    logs = jnp.log(_concat_flat(noise))
+    return jnp.where(weighted, jnp.median(logs), jnp.inf)
 
   diagnostics = {
       "rp_weight_mean": jnp.mean(_concat_flat(w_rp)),
-      "rp_log_var_median": jnp.median(jnp.log(_concat_flat(var_rp))),
-      "es_log_var_median": jnp.median(jnp.log(_concat_flat(var_es))),
-      "rp_nonfinite": (n_rp - count_rp).astype(jnp.int32),
-      "es_nonfinite": (n_es - count_es).astype(jnp.int32),
+      "rp_log_var_median": log_median(noise_rp, merged_ok | rp_alone),
+      "es_log_var_median": log_median(noise_es, merged_ok | es_alone),
+      "rp_nonfinite": dropped_rp,
+      "es_nonfinite": dropped_es,
       "num_samples_rp": count_rp.astype(jnp.int32),
       "num_samples_es": count_es.astype(jnp.int32),
       "overflow_zeroed": overflow_zeroed,
+      "skipped": (~(merged_ok | rp_alone | es_alone)).astype(jnp.int32),
   }
   return g, diagnostics

@@ -201,3 +201,21 @@ def noise_reuse_es_sample(loss_pos: jax.Array, loss_neg: jax.Array,
   weight = jnp.asarray(weight)
   return es_gradient_sample(weight * jnp.asarray(loss_pos),
                             weight * jnp.asarray(loss_neg), eps, sigma)
+
+
+def rp_half_difference(grad_pos: PyTree, grad_neg: PyTree) -> PyTree:
+  """Half the difference of an antithetic pair's gradients.
+
+    h = (grad L(theta + eps) - grad L(theta - eps)) / 2
+
+  Its mean over eps is 0; it shares the pair's task and batches, so its
+  spread is the perturbation's own effect on the gradient, which the merge
+  uses as RP's own noise (`combine.rp_noise`).
+
+  Args:
+    grad_pos, grad_neg: as in `rp_gradient_sample`.
+
+  Returns:
+    A pytree shaped like ``grad_pos``.
+  """
+  return jax.tree_util.tree_map(lambda a, b: (a - b) / 2, grad_pos, grad_neg)

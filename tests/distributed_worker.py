@@ -13,7 +13,7 @@ import sys
 
 from pathology_fix import distributed
 
-NUM_SAMPLES = 4
+NUM_SAMPLES = 6
 NUM_STEPS = 3
 
 

@@ -151,7 +151,7 @@ def _estimator(**kwargs):
   from pathology_fix import estimators  # pylint: disable=g-import-not-at-top
   return estimators.HybridRPES(
       quadratics.FixedDimQuadraticFamily(4), mlp_lopt.MLPLOpt(),
-      truncation_schedule.ConstantTruncationSchedule(10_000), num_tasks=2,
+      truncation_schedule.ConstantTruncationSchedule(10_000), num_tasks=5,
       **kwargs)
 
 

@@ -109,8 +109,8 @@ def test_two_processes_give_the_one_process_answer(two_processes, tmp_path):
   for i, result in enumerate(two_processes):
     assert result["process_index"] == i
     assert result["process_count"] == 2 and result["devices"] == 2
-    assert result["split"]  # the 4 samples really are split over 2 processes
-    assert result["local_samples"] == [[0, 1], [2, 3]][i]
+    assert result["split"]  # the 6 samples really are split over 2 processes
+    assert result["local_samples"] == [[0, 1, 2], [3, 4, 5]][i]
     # Each process builds only its own samples' batches (it skips the
     # others'): half of what the single process builds.
     assert single["gathered"] > 0
@@ -181,7 +181,7 @@ def test_single_process_by_default(monkeypatch):
 # The CLI on two processes.
 
 BINDINGS = ("run_train.num_steps = {steps}",
-            "VariationalEstimator.num_tasks = 4",
+            "VariationalEstimator.num_tasks = 6",
             "VariationalEstimator.unroll_length = 10",
             "run_train.summary_every_n = 1",
             "resumable_local_train.checkpoint_every_n_steps = 1",

@@ -90,7 +90,7 @@ def test_one_outer_step_through_lo_learner(lopt_cls, estimator_cls):
   lopt = lopt_cls()
   est = estimator_cls(
       quadratics.FixedDimQuadraticFamily(10), lopt,
-      truncation_schedule.ConstantTruncationSchedule(8), num_tasks=4,
+      truncation_schedule.ConstantTruncationSchedule(8), num_tasks=5,
       unroll_length=4, steps_per_jit=2)
   learner = gradient_learner.SingleMachineGradientLearner(
       lopt, [est], opt_base.Adam(1e-3))

@@ -1,4 +1,4 @@
-"""Every estimator mode returns a finite gradient (issue 9, point 2).
+"""Every estimator variant returns a finite gradient.
 
 Bad samples (inf, NaN, or finite samples so large that their mean overflows)
 are injected through the public `estimators.combine_samples`, in every mode,
@@ -61,13 +61,15 @@ def _inject(kind):
 
 
 def _np_samples(losses, pair, eps):
-  """RP and ES samples in float64, from the paper's formulas."""
+  """RP and ES samples and RP's half-differences in float64, from the
+  paper's formulas."""
   l64 = losses.astype(np.float64)
   rp = {k: (v[0].astype(np.float64) + v[1]) / 2 for k, v in pair.items()}
+  half = {k: (v[0].astype(np.float64) - v[1]) / 2 for k, v in pair.items()}
   coeff = (l64[0] - l64[1]) / (2 * SIGMA**2)
   es = {k: coeff.reshape((N,) + (1,) * len(SHAPES[k])) * v.astype(np.float64)
         for k, v in eps.items()}
-  return rp, es
+  return rp, es, half
 
 
 def _np_finite_mean(samples):
@@ -79,20 +81,21 @@ def _np_finite_mean(samples):
 
 
 @pytest.mark.parametrize("kind", ["inf", "nan", "huge"])
-@pytest.mark.parametrize("mode", estimators.MODES)
+@pytest.mark.parametrize("mode", estimators.MERGES)
 def test_every_mode_drops_bad_samples_and_stays_finite(mode, kind):
   losses, pair, eps, rp_dropped, es_dropped, zeroed = _inject(kind)
   grad, diag = estimators.combine_samples(
       jnp.asarray(losses), jax.tree_util.tree_map(jnp.asarray, pair),
-      jax.tree_util.tree_map(jnp.asarray, eps), SIGMA, mode=mode)
+      jax.tree_util.tree_map(jnp.asarray, eps), SIGMA,
+      merge_fn=estimators.MERGES[mode])
   for k, v in grad.items():
     assert v.shape == SHAPES[k] and v.dtype == jnp.float32
     assert np.all(np.isfinite(np.asarray(v))), (mode, kind, k, v)
 
-  rp, es = _np_samples(losses, pair, eps)
+  rp, es, half = _np_samples(losses, pair, eps)
   want = {"rp": lambda: _np_finite_mean(rp),
           "es": lambda: _np_finite_mean(es),
-          "hybrid": lambda: np_merge(rp, es)[0]}[mode]()
+          "hybrid": lambda: np_merge(rp, es, half)[0]}[mode]()
   for k, v in want.items():
     got = np.asarray(grad[k], np.float64)
     ok = np.isfinite(v)  # float64 reference: nothing overflows here
@@ -109,7 +112,9 @@ def test_every_mode_drops_bad_samples_and_stays_finite(mode, kind):
     assert int(diag[f"{name}_nonfinite"]) == len(dropped[name])
     assert int(diag[f"num_samples_{name}"]) == N - len(dropped[name])
   for name in {"rp", "es"} - set(uses):
-    assert f"{name}_nonfinite" not in diag  # that estimator is not computed
+    # That estimator is not computed: no samples, no weight.
+    assert int(diag[f"num_samples_{name}"]) == 0
+    assert float(diag["rp_weight_mean"]) == (1.0 if name == "es" else 0.0)
 
 
 class _SteepLinearTask(tasks_base.Task):

@@ -112,10 +112,10 @@ def test_truncated_step_construction_matches_task_family_construction():
   family, lopt = _family_and_lopt()
   sched = truncation_schedule.ConstantTruncationSchedule(40)
   step = lopt_truncated_step.VectorizedLOptTruncatedStep(
-      family, lopt, sched, num_tasks=4)
+      family, lopt, sched, num_tasks=5)
   from_step = estimators.HybridRPES(step, unroll_length=10)
-  direct = estimators.HybridRPES(family, lopt, sched, 4, unroll_length=10)
-  assert from_step.num_tasks == 4 and from_step.trunc_sched is sched
+  direct = estimators.HybridRPES(family, lopt, sched, 5, unroll_length=10)
+  assert from_step.num_tasks == 5 and from_step.trunc_sched is sched
   assert from_step.task_name() == family.name
   jax.tree_util.tree_map(np.testing.assert_allclose, _gradient(from_step, lopt),
                          _gradient(direct, lopt))
@@ -132,7 +132,7 @@ def test_mixture_builds_both_types_the_way_this_lo_calls_them():
   mixture = mixing.EstimatorMixture(
       [lambda *a: estimators.HybridRPES(
           *a, trunc_sched=truncation_schedule.ConstantTruncationSchedule(40),
-          num_tasks=4, unroll_length=10),
+          num_tasks=5, unroll_length=10),
        lambda *a: a])
   args = ((lo_api.LazyLOptTruncatedStep(family, lopt),) if lo_api.IS_MAIN
           else (family, lopt))
@@ -185,7 +185,7 @@ def test_estimator_groups_default_and_bad_value():
 # Small enough for 2 CPU cores: what is checked is each config's wiring
 # (estimator, objective, curriculum, data), not its full size.
 _SMALL_CNN_RECIPE = (
-    "VariationalEstimator.num_tasks = 2",
+    "VariationalEstimator.num_tasks = 5",
     "VariationalEstimator.meta_loss_evals = 1",
     "VariationalEstimator.random_initial_iteration_offset = 0",
     "LinearTruncationCurriculum.k_min = 10",
@@ -214,7 +214,7 @@ SMALL = {
         "sample_every_subset_family.batch_size = 16",
         "ConstantTruncationSchedule.total_length = 40",
         "VariationalEstimator.random_initial_iteration_offset = 0"),
-    "demo": ("VariationalEstimator.num_tasks = 2",
+    "demo": ("VariationalEstimator.num_tasks = 5",
              "ConstantTruncationSchedule.total_length = 40",
              "VariationalEstimator.random_initial_iteration_offset = 0"),
 }

@@ -149,7 +149,7 @@ def test_bad_samples_are_dropped_and_overflow_zeroed(kind):
   weight = np.ones(N, np.float32)
   grad, diag = estimators.noise_reuse_gradient(
       jax.numpy.asarray(losses), eps, FSIGMA, weight)
-  _, es = _np_samples(losses, pair, eps)
+  _, es, _ = _np_samples(losses, pair, eps)
   want = _np_finite_mean(es)
   for k, v in want.items():
     got = np.asarray(grad[k], np.float64)

@@ -163,7 +163,7 @@ def test_one_hybrid_rpes_outer_step_on_quadratics():
   estimator = estimators.HybridRPES(
       quadratics.FixedDimQuadraticFamily(10), lopt,
       truncation_schedule.ConstantTruncationSchedule(40),
-      num_tasks=2, unroll_length=5, steps_per_jit=5,
+      num_tasks=5, unroll_length=5, steps_per_jit=5,
       max_loss=1e4)  # these quadratics start near 20: the default 10 clips
   learner = gradient_learner.SingleMachineGradientLearner(
       lopt, [estimator], opt_base.Adam(1e-2))

@@ -44,7 +44,7 @@ def test_curriculum_steps_compile_nothing_after_warm_up():
   est = estimators.HybridRPES(
       quadratics.FixedDimQuadraticFamilyData(4), mlp_lopt.MLPLOpt(),
       truncation_schedule.ConstantTruncationSchedule(155),
-      num_tasks=4, steps_per_jit=10, remat_chunk_threshold=3,
+      num_tasks=5, steps_per_jit=10, remat_chunk_threshold=3,
       truncation_length=schedules.LinearTruncationCurriculum(
           k_min=10, k_max=60, num_iterations=20))
   theta = mlp_lopt.MLPLOpt().init(jax.random.PRNGKey(0))

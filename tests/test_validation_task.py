@@ -83,7 +83,7 @@ def test_ours_and_lo_pes_optimize_the_same_objective():
           family, meta_loss_evals=3, max_loss=MAX_LOSS)
     est = estimators.HybridRPES(
         family, lopt_base.LearnableSGD(initial_lr=LR),
-        truncation_schedule.ConstantTruncationSchedule(100), num_tasks=2,
+        truncation_schedule.ConstantTruncationSchedule(100), num_tasks=5,
         unroll_length=STEPS, steps_per_jit=STEPS, sigma=1e-6,
         meta_loss_split="outer_valid", meta_loss_evals=1 if wrapped else 3,
         max_loss=MAX_LOSS)

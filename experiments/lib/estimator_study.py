@@ -202,6 +202,14 @@ def merged_reference(es_draws: np.ndarray, rp_draws: np.ndarray):
                        expected_if_unbiased=signal(rel_es) * signal(rel_rp)))
 
 
+def init_theta(cfg: Dict[str, Any], lopt):
+  """The initial theta of the first seed's runs (as in meta_train_timed)."""
+  learner = outer_loop.learner(
+      lopt, outer_loop.paper_outer_optimizer(cfg["outer_lr"]))
+  k_init = jax.random.split(jax.random.PRNGKey(cfg["seeds"][0]), 3)[1]
+  return outer_loop.theta(learner, learner.init(k_init))
+
+
 def meta_train_timed(est, lopt, cfg: Dict[str, Any], seed: int,
                      checkpoint_seconds: Sequence[float]) -> Dict[str, Any]:
   """Meta-trains for cfg["train_seconds"] of wall-clock (`outer_loop.run`).

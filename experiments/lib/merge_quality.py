@@ -7,7 +7,7 @@ keeps every per-sample RP and ES gradient: arrays [D, n, d]. `replay` then
 applies merge rules to each draw and compares the total variance over draws
 (summed over the d coordinates) with that of RP's mean and ES's mean alone,
 and with two oracles that know the per-coordinate statistics of all D x n
-samples:
+samples, and with the paper's formula under its fixed floor:
 
   oracle_independent  inverse-variance weights w = V_es / (V_rp + V_es),
                       the paper's rule with the true variances of the means;
@@ -98,28 +98,67 @@ def _oracle_weights(rp: np.ndarray, es: np.ndarray):
   return independent, paired
 
 
-def replay(rp: np.ndarray, es: np.ndarray, sizes: np.ndarray,
-           merges: Dict[str, Callable]) -> Dict[str, float]:
-  """Total variance over draws of each merge, over min(RP alone, ES alone).
+def fixed_floor_merge(rp: np.ndarray, es: np.ndarray,
+                      floor: float = 1e-8) -> np.ndarray:
+  """The paper's formula with its absolute floor (Sec. 4.3; the released
+  code adds 1e-8), per coordinate: [D, n, d] -> [D, d]. What this project
+  merged with before the scale-invariant rule, for comparison."""
+  n = rp.shape[1]
+  v_rp = rp.var(axis=1, ddof=1) / n + floor
+  v_es = es.var(axis=1, ddof=1) / n + floor
+  w = v_es / (v_rp + v_es)
+  return w * rp.mean(axis=1) + (1 - w) * es.mean(axis=1)
 
-  rp, es: [D, n, d]. merges: name -> fn(rp_leaves, es_leaves) -> g_leaves,
-  each list of [n, size] arrays (one per tensor). Also reports the two
-  oracles and RP / ES alone, each as a ratio to the better of the two.
+
+def replay(rp_pos: np.ndarray, rp_neg: np.ndarray, es: np.ndarray,
+           sizes: np.ndarray, merge: Callable) -> Dict[str, float]:
+  """Total variance over draws of each rule, over min(RP alone, ES alone).
+
+  rp_pos, rp_neg, es: [D, n, d]. merge: fn(rp_leaves, es_leaves,
+  half_leaves) -> (g_leaves, diagnostics), each a list of [n, size] arrays
+  (one per tensor; `combine.inverse_variance_merge`). Returns the ratios of
+  the merge ("hybrid"), the fixed-floor rule, both oracles and RP and ES
+  alone, each to the better of RP and ES alone.
   """
+  rp, half = (rp_pos + rp_neg) / 2, (rp_pos - rp_neg) / 2
   mean_rp, mean_es = rp.mean(axis=1), es.mean(axis=1)
-  total_rp = mean_rp.var(axis=0, ddof=1).sum()
-  total_es = mean_es.var(axis=0, ddof=1).sum()
-  best = min(total_rp, total_es)
+  total = lambda g: float(g.var(axis=0, ddof=1).sum())
+  best = min(total(mean_rp), total(mean_es))
   w_ind, w_pair = _oracle_weights(rp, es)
-  out = dict(rp_over_best=total_rp / best, es_over_best=total_es / best)
-  for name, w in (("oracle_independent", w_ind), ("oracle_paired", w_pair)):
-    g = w * mean_rp + (1 - w) * mean_es
-    out[f"{name}_over_best"] = g.var(axis=0, ddof=1).sum() / best
   bounds = np.cumsum(sizes)[:-1]
-  for name, merge in merges.items():
-    fn = jax.jit(jax.vmap(merge))
-    g = fn([jnp.asarray(x, jnp.float32) for x in np.split(rp, bounds, axis=2)],
-           [jnp.asarray(x, jnp.float32) for x in np.split(es, bounds, axis=2)])
-    g = np.concatenate([np.asarray(x, np.float64) for x in g], axis=1)
-    out[f"{name}_over_best"] = g.var(axis=0, ddof=1).sum() / best
-  return {k: float(v) for k, v in out.items()}
+  leaves = lambda x: [jnp.asarray(a, jnp.float32)
+                      for a in np.split(x, bounds, axis=2)]
+  g, _ = jax.jit(jax.vmap(merge))(leaves(rp), leaves(es), leaves(half))
+  g = np.concatenate([np.asarray(x, np.float64) for x in g], axis=1)
+  return dict(
+      hybrid_over_best=total(g) / best,
+      oracle_over_best=total(w_ind * mean_rp + (1 - w_ind) * mean_es) / best,
+      oracle_paired_over_best=total(w_pair * mean_rp +
+                                    (1 - w_pair) * mean_es) / best,
+      fixed_floor_over_best=total(fixed_floor_merge(rp, es)) / best,
+      rp_over_best=total(mean_rp) / best, es_over_best=total(mean_es) / best)
+
+
+def meets_target(row: Dict[str, float], target: float = 1.1) -> bool:
+  """At most `target` x the better estimator, or, where even the oracle
+  is above that (shared task spread no weighting removes), at most
+  `target` x the oracle."""
+  return (row["hybrid_over_best"] <= target or
+          row["hybrid_over_best"] <= target * row["oracle_over_best"])
+
+
+def table(rows) -> str:
+  """Markdown: one row per setting, ratios to the better of RP and ES."""
+  lines = ["| theta | inner step | k | draws | hybrid | oracle (inverse "
+           "variance) | oracle (paired) | fixed floor 1e-8 | target |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    note = "met" if r["meets_target"] else "missed"
+    if r["oracle_above_target"]:
+      note += " (oracle above 1.1x: target 1.1x the oracle)"
+    lines.append(
+        f"| {r['theta']} | {r['inner_step']} | {r['k']} | {r['draws']} | "
+        f"{r['hybrid_over_best']:.2f} | {r['oracle_over_best']:.2f} | "
+        f"{r['oracle_paired_over_best']:.2f} | "
+        f"{r['fixed_floor_over_best']:.3g} | {note} |")
+  return "\n".join(lines)
