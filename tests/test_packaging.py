@@ -12,6 +12,7 @@ import os
 import pathlib
 import re
 import runpy
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -155,6 +156,25 @@ def _outside_env():
   return env
 
 
+def _copy_of_checkout(dest):
+  """The checkout's files (tracked, or new and not ignored) under `dest`.
+
+  Building there keeps setuptools' build/ and *.egg-info out of the
+  checkout; a stale build/lib would also leak removed files into a wheel.
+  """
+  listing = _run(["git", "-C", REPO, "ls-files", "-z", "--cached", "--others",
+                  "--exclude-standard"], RUN_TIMEOUT_S)
+  if listing.returncode != 0:  # not a git checkout: copy all but build output
+    shutil.copytree(REPO, dest, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", "runs"))
+    return dest
+  for rel in filter(None, listing.stdout.split("\0")):
+    if (REPO / rel).is_file():  # listed but deleted files are skipped
+      (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(REPO / rel, dest / rel)
+  return dest
+
+
 USE_INSTALLED = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, optax
@@ -194,7 +214,8 @@ def test_wheel_in_a_fresh_virtualenv_from_outside_the_checkout(tmp_path):
   outside.mkdir()
 
   # 1. The wheel, built as pip builds it for a user (isolated build).
-  _pip(sys.executable, "wheel", "--no-deps", "--wheel-dir", dist, REPO,
+  source = _copy_of_checkout(tmp_path / "source")
+  _pip(sys.executable, "wheel", "--no-deps", "--wheel-dir", dist, source,
        tmp_path=tmp_path)
   wheels = list(dist.glob("pathology_fix-*.whl"))
   assert len(wheels) == 1, list(dist.iterdir())
