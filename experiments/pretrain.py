@@ -5,9 +5,9 @@ r"""Builds a shipped pretrained optimizer from scratch: pathology_fix/pretrained
 1. Meta-trains with the library's own loop (`python -m pathology_fix.train`,
    fresh run folder under runs/pretrain/) on the recipe's gin config.
 2. Writes the final theta (`params_<N>`, LO's ParameterCheckpoint), `lopt.gin`
-   (its architecture's constructor arguments) and `record.json` (command,
-   seed, meta-training minutes and steps, git commit, held-out table) into
-   the output folder (default: the package's pretrained/NAME/).
+   (its architecture's constructor arguments) and `record.json` (license,
+   command, seed, meta-training minutes and steps, git commit, held-out
+   table) into the output folder (default: the package's pretrained/NAME/).
 3. Held-out check: new tasks on Fashion-MNIST classes 5-9 (never seen in
    meta-training), trained from scratch by the shipped theta, Adam(1e-3) and
    Adam tuned per task over 11 rates (picked on each task's validation loss),
@@ -267,6 +267,7 @@ def main(argv=None):
   command, minutes = meta_train(recipe, run_dir, reuse=args.reuse_run)
 
   import gin  # pylint: disable=g-import-not-at-top
+  from pathology_fix import pretrained  # pylint: disable=g-import-not-at-top
   from pathology_fix.runtime import local_training  # pylint: disable=g-import-not-at-top
   gin.clear_config()
   gin.add_config_file_search_path(os.path.join(REPO, "gin_configs"))
@@ -286,6 +287,7 @@ def main(argv=None):
   heldout, step = evaluate(out_dir, recipe, args.quick, recipe["seed"])
   record = dict(
       name=args.name, description=recipe["description"],
+      license=pretrained.LICENSE,
       learned_optimizer=recipe["learned_optimizer"],
       params_file=f"params_{step}",
       command=" ".join(["python -m experiments.pretrain", args.name]

@@ -16,7 +16,7 @@ from pathology_fix import lo_api  # pylint: disable=g-import-not-at-top
 
 lo_api.install()
 
-__version__ = "0.1.0"
+from pathology_fix.version import __version__  # pylint: disable=g-import-not-at-top
 
 # Registers the gin configurables (imports after compat.apply() on purpose).
 from pathology_fix import data  # pylint: disable=g-import-not-at-top

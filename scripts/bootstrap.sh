@@ -12,8 +12,9 @@
 # checkout; CI has the former), else the pinned commit from GitHub.
 # Both venvs get pathology_fix_startup.pth, so that LO's own binaries import
 # the plugin first (see pathology_fix_startup.py).
-# Re-running is cheap: installs happen only when setup.py, this file or the
-# LO wheel change.
+# Our dependencies come at the tested versions of constraints.txt.
+# Re-running is cheap: installs happen only when setup.py, pyproject.toml, constraints.txt,
+# this file or the LO wheel change.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -44,7 +45,7 @@ esac
 stamp="$venv/.pathology_fix_installed"
 lo_hash="$lo_spec"
 [ -f "$lo_spec" ] && lo_hash="$(sha256sum "$lo_spec" | cut -c1-16)"
-want="$( (cat setup.py scripts/bootstrap.sh; echo "$lo_hash") | sha256sum | cut -c1-16)"
+want="$( (cat setup.py pyproject.toml constraints.txt scripts/bootstrap.sh; echo "$lo_hash") | sha256sum | cut -c1-16)"
 
 if [ ! -x "$venv/bin/python" ]; then
   echo "[bootstrap] creating virtualenv in $venv"
@@ -53,7 +54,7 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[bootstrap] installing dependencies and learned_optimization $variant (once; about a minute)"
   "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q -e ".[test]"
+  "$venv/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
   "$venv/bin/python" -m pip install -q --no-deps --force-reinstall "$lo_spec"
   "$venv/bin/python" -m pathology_fix_startup
   echo "$want" > "$stamp"

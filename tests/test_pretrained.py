@@ -97,6 +97,7 @@ def test_shipped_files_resolve_through_the_installed_package(name):
   for key in ("command", "seed", "meta_training_minutes", "outer_steps",
               "git_commit", "heldout"):
     assert key in record, key
+  assert record["license"] == pretrained.LICENSE == "Apache-2.0"
   assert record["params_file"] == params[0]
   assert record["command"] == f"python -m experiments.pretrain {name}"
   assert record["heldout"]["per_task"], record["heldout"]
@@ -229,6 +230,7 @@ def test_pretrain_quick_writes_a_loadable_optimizer(tmp_path):
   record = json.loads((out / "record.json").read_text())
   assert record["outer_steps"] == 3 and record["params_file"] == "params_3"
   assert record["command"].endswith("--quick")
+  assert record["license"] == pretrained.LICENSE
   learned_opt = pretrained.read_architecture(str(out / "lopt.gin"))
   shipped_opt, _ = pretrained.load(SHIPPED)
   assert type(learned_opt) is type(shipped_opt)

@@ -8,9 +8,10 @@
 Each optimizer is a folder `<name>/` here: `params_<N>` (its theta, LO's
 `ParameterCheckpoint` as written by `pathology_fix.train`; read with
 `runtime.local_training.load_params`), `lopt.gin` (the constructor arguments
-of its architecture) and `record.json` (how it was made: command, seed,
-meta-training minutes and steps, git commit, held-out results). Rebuild one
-with `python -m experiments.pretrain <name>`.
+of its architecture) and `record.json` (its license, and how it was made:
+command, seed, meta-training minutes and steps, git commit, held-out results).
+Rebuild one with `python -m experiments.pretrain <name>`. The thetas are
+under the package's license (LICENSE, Apache-2.0), named in each record.
 """
 
 import importlib.resources
@@ -32,6 +33,8 @@ from pathology_fix.pretrained.adapter import lopt_to_optax
 
 ARCHITECTURE_FILE = "lopt.gin"
 RECORD_FILE = "record.json"
+# The shipped thetas' license: the package's own (LICENSE).
+LICENSE = "Apache-2.0"
 _PARAMS = re.compile(r"^params_(\d+)$")
 # The architectures a lopt.gin may name (gin name -> class).
 LEARNED_OPTIMIZERS = {
@@ -42,7 +45,7 @@ LEARNED_OPTIMIZERS = {
 }
 
 __all__ = ["names", "load", "optax", "record", "path", "lopt_to_optax",
-           "read_architecture", "LEARNED_OPTIMIZERS"]
+           "read_architecture", "LEARNED_OPTIMIZERS", "LICENSE"]
 
 
 def _root() -> str:
