@@ -24,6 +24,7 @@ from pathology_fix import estimators  # pylint: disable=g-import-not-at-top
 from pathology_fix.runtime import local_training  # pylint: disable=g-import-not-at-top
 from pathology_fix import mixing  # pylint: disable=g-import-not-at-top
 from pathology_fix import paper_lopt  # pylint: disable=g-import-not-at-top
+from pathology_fix import progress_lopt  # pylint: disable=g-import-not-at-top
 from pathology_fix import schedules  # pylint: disable=g-import-not-at-top
 from pathology_fix import tasks  # pylint: disable=g-import-not-at-top
 from pathology_fix import variational_lopt  # pylint: disable=g-import-not-at-top

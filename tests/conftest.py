@@ -19,6 +19,7 @@ LO_MAIN_SUBSET = (
     "tests/test_tensorboard_events.py",
     "tests/test_end_to_end.py::test_mixture_of_hybrid_and_lo_pes_runs",
     "tests/test_estimators.py::test_estimators_are_unbiased_for_the_smoothed_gradient",
+    "tests/test_progress_lopt.py::test_every_estimator_gives_a_finite_gradient",
 )
 
 

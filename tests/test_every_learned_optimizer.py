@@ -1,10 +1,11 @@
-"""Every LearnedOptimizer LO ships x every estimator of ours: one outer step.
+"""Every learned optimizer LO ships, and ours, x our estimators: one outer step.
 
 Issue 9.8: theta may hold namedtuples (haiku's LSTMState in NNAdam), haiku
 FlatMaps (RNNMLPLOpt), frozen dicts and scalars; the gradient must come back
 with exactly theta's pytree structure, or LO's learner cannot add it up.
 Both lists are discovered, so a learned optimizer or an estimator added later
-is covered without editing this file.
+is covered without editing this file (our own learned optimizers are listed in
+OURS).
 """
 
 import importlib
@@ -23,6 +24,7 @@ from learned_optimization.outer_trainers import gradient_learner
 from learned_optimization.outer_trainers import truncation_schedule
 from learned_optimization.tasks import quadratics
 from pathology_fix import estimators
+from pathology_fix import progress_lopt
 
 # Cases whose compile takes > 15 s on 2 busy CPU cores (measured): -m slow.
 # The default run keeps NNAdam with VariationalES (haiku's LSTMState in
@@ -55,7 +57,9 @@ def _our_estimators():
   return sorted(found, key=lambda c: c.__name__)
 
 
-LOPTS = _shipped_learned_optimizers()
+# Ours, next to LO's (ProgressAdam reads the run length from init's num_steps).
+OURS = [progress_lopt.ProgressAdam]
+LOPTS = _shipped_learned_optimizers() + OURS
 ESTIMATORS = _our_estimators()
 
 

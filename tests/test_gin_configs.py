@@ -20,6 +20,7 @@ EXPECTED_ESTIMATOR = {
     "hybrid_quadratic": estimators.HybridRPES,
     "demo": estimators.HybridRPES,
     "headline_nnadam_fmnist8": estimators.HybridRPES,
+    "headline_progress_fmnist8": estimators.HybridRPES,
     "paper_hybrid": estimators.HybridRPES,
     "paper_hybrid_train_objective": estimators.HybridRPES,
     "ablation_rp_only": estimators.VariationalRP,
@@ -62,7 +63,7 @@ def test_config_builds_its_estimator(name):
     assert estimator.num_tasks == 128 and estimator.sigma == 0.1
     split = "train" if name.endswith("train_objective") else "outer_valid"
     assert estimator.unroller.problems.meta_loss_split == split
-  if name == "headline_nnadam_fmnist8":
+  if name.startswith("headline_"):
     # Every 3-class subset of classes 0-4, one per sample (n = 10).
     assert estimator.task_family.num_subsets == 10
     assert estimator.num_tasks == 10
@@ -71,6 +72,21 @@ def test_config_builds_its_estimator(name):
               estimator.truncated_step.task_family)  # 0.0.1 or main
     assert isinstance(family, validation_task.ValidationMetaLossFamily)
     assert (family.meta_loss_evals, family.max_loss) == (5, 10.0)
+
+
+@pytest.mark.parametrize("name, lopt", [
+    ("headline_nnadam_fmnist8", "NNAdam"),
+    ("headline_progress_fmnist8", "ProgressAdam")])
+def test_headline_configs_meta_train_their_learned_optimizer(name, lopt):
+  config = cli_utils.REPO / "gin_configs" / f"{name}.gin"
+  gin.clear_config()
+  gin.add_config_file_search_path(str(config.parent))
+  try:
+    gin.parse_config_files_and_bindings([str(config)], [])
+    assert gin.query_parameter("singleton.constructor").selector == lopt
+    assert gin.query_parameter(f"{lopt}.initial_learning_rate") == 1e-2
+  finally:
+    gin.clear_config()
 
 
 def test_mixture_config_builds_both_estimator_types():

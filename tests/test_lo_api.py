@@ -214,6 +214,12 @@ SMALL = {
         "sample_every_subset_family.batch_size = 16",
         "ConstantTruncationSchedule.total_length = 40",
         "VariationalEstimator.random_initial_iteration_offset = 0"),
+    "headline_progress_fmnist8": (
+        "LinearTruncationCurriculum.k_min = 10",
+        "LinearTruncationCurriculum.k_max = 20",
+        "sample_every_subset_family.batch_size = 16",
+        "ConstantTruncationSchedule.total_length = 40",
+        "VariationalEstimator.random_initial_iteration_offset = 0"),
     "demo": ("VariationalEstimator.num_tasks = 5",
              "ConstantTruncationSchedule.total_length = 40",
              "VariationalEstimator.random_initial_iteration_offset = 0"),

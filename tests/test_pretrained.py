@@ -159,6 +159,51 @@ def test_lopt_to_optax_works_for_any_learned_optimizer():
   _assert_same_params(_train_optax(tx), lo_params)
 
 
+def test_progress_adam_saved_like_a_shipped_optimizer_runs_as_optax(
+    tmp_path, monkeypatch):
+  """ProgressAdam in a folder laid out the way experiments.pretrain writes."""
+  import flax.serialization
+  import gin
+  from experiments import pretrain
+  from learned_optimization.outer_trainers import gradient_learner
+  from pathology_fix import progress_lopt
+  folder = tmp_path / "progress_test"
+  folder.mkdir()
+  gin.clear_config()
+  try:  # lopt.gin from the meta-training run's gin bindings
+    gin.parse_config(["ProgressAdam.initial_learning_rate = 0.03",
+                      "ProgressAdam.knots = (0.0, 0.5, 1.0)"])
+    (folder / "lopt.gin").write_text(pretrain.architecture_gin("ProgressAdam"))
+  finally:
+    gin.clear_config()
+  theta = {"log_lr": jnp.asarray([0.05, -0.1, -0.3], jnp.float32),
+           "beta1": jnp.asarray(0.02, jnp.float32),
+           "beta2": jnp.asarray(-0.05, jnp.float32),
+           "weight_decay": jnp.asarray(0.05, jnp.float32)}
+  # params_<N> as local_training.save_checkpoint writes it.
+  (folder / "params_7").write_bytes(flax.serialization.to_bytes(
+      gradient_learner.ParameterCheckpoint(theta, "no_gen_id", 7)))
+  (folder / "record.json").write_text(json.dumps({"name": "progress_test"}))
+  monkeypatch.setattr(pretrained, "_root", lambda: str(tmp_path))
+
+  learned_opt, loaded = pretrained.load("progress_test")
+  assert isinstance(learned_opt, progress_lopt.ProgressAdam)
+  assert learned_opt.knots == (0.0, 0.5, 1.0)
+  assert learned_opt.initial_learning_rate == 0.03
+  for key, value in theta.items():
+    np.testing.assert_array_equal(loaded[key], value)
+  lo_params, loss_fn, batches = _train_lo(learned_opt, theta)
+  _assert_same_params(
+      _train_optax(pretrained.optax("progress_test", NUM_STEPS)), lo_params)
+  start, _, _ = _problem()
+  assert (_mean_loss(lo_params, loss_fn, batches)
+          < 0.9 * _mean_loss(start, loss_fn, batches))
+  # The run length reaches the schedule: the same steps, declared as half of
+  # a run twice as long, follow the first half of the curve instead.
+  longer = _train_optax(pretrained.optax("progress_test", 2 * NUM_STEPS))
+  assert not np.allclose(longer["w1"], lo_params["w1"], atol=1e-4)
+
+
 def test_bad_input_names_the_parameter():
   with pytest.raises(ValueError, match="pretrained.name 'nope'.*shipped"):
     pretrained.load("nope")

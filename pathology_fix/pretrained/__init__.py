@@ -29,6 +29,7 @@ from learned_optimization.learned_optimizers import base as lopt_base
 from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.learned_optimizers import nn_adam
 from pathology_fix import paper_lopt
+from pathology_fix import progress_lopt
 from pathology_fix.pretrained.adapter import lopt_to_optax
 
 ARCHITECTURE_FILE = "lopt.gin"
@@ -42,6 +43,7 @@ LEARNED_OPTIMIZERS = {
     "AdafacMLPLOpt": adafac_mlp_lopt.AdafacMLPLOpt,
     "PaperMLPLOpt": paper_lopt.PaperMLPLOpt,
     "NNAdam": nn_adam.NNAdam,
+    "ProgressAdam": progress_lopt.ProgressAdam,
 }
 
 __all__ = ["names", "load", "optax", "record", "path", "lopt_to_optax",
