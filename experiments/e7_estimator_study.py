@@ -259,6 +259,11 @@ def main(argv=None):
                       "finishes the tables with all of them.")
   p.add_argument("--train_minutes", type=float, default=None,
                  help="meta-training minutes per run (default: the mode's)")
+  p.add_argument("--clock", choices=sorted(study.CLOCKS), default="wall",
+                 help="part 2's budget in wall-clock seconds or in this "
+                      "process's CPU seconds (pin it to one core with "
+                      "taskset: then equal on an idle core, and other jobs "
+                      "do not shrink its budget)")
   args = p.parse_args(argv)
   if (args.theta or args.resume) and not args.quality_only:
     p.error("--theta and --resume need --quality_only")
@@ -280,6 +285,7 @@ def main(argv=None):
                               if n in args.estimator)
   if args.train_minutes:
     cfg["train_seconds"] = 60.0 * args.train_minutes
+  cfg["clock"] = args.clock
   cfg["part2_only"] = args.part2_only
   mode = "quick" if args.quick else "full"
   t_start = time.perf_counter()
@@ -322,6 +328,8 @@ def finish(out_dir, numbers, mode):
              for j in range(1, cfg["num_checkpoints"] + 1)]
   numbers["budget_table"] = study.budget_table(numbers["meta_training"],
                                                budgets)
+  numbers["median_final_meta_test"] = study.median_final(
+      numbers["meta_training"])
   report.plot_training(out_dir, numbers["meta_training"])
   report.plot_quality(out_dir, numbers["gradient_quality"])
   summary = report.summary(numbers, mode)

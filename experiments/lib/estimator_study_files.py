@@ -58,6 +58,9 @@ def collect_parts(out_dir, numbers):
     numbers["config"] = dict(numbers["config"],
                              estimators=numbers["estimators"])
   numbers["part2_incomplete"] = incomplete2
+  merge_quality = out_dir / "merge_quality.json"
+  if merge_quality.exists():
+    numbers["merge_quality"] = json.loads(merge_quality.read_text())["rows"]
   mid_record = out_dir / MID_THETA_FILES[1]
   if mid_record.exists():
     numbers["mid_theta"] = json.loads(mid_record.read_text())
@@ -88,6 +91,7 @@ def stored(out_dir):
   numbers = json.loads((out_dir / "results.json").read_text())
   for key in ("mode", "date", "gradient_quality", "reference",
               "reference_relative_stderr", "seconds_part1",
-              "part1_incomplete", "part2_incomplete", "mid_theta"):
+              "part1_incomplete", "part2_incomplete", "mid_theta",
+              "merge_quality"):
     numbers.pop(key, None)
   return numbers

@@ -3,6 +3,7 @@
 import numpy as np
 
 from experiments.lib import common
+from experiments.lib import merge_quality
 
 def plot_training(out_dir, runs):
   plt = common.pyplot()
@@ -117,6 +118,14 @@ def summary(numbers, mode) -> str:
     lines.append(f"| {name} | " + ", ".join(
         f"{r['meta_test'][-1]:.3f}" for r in seeds) + " | " + ", ".join(
             str(r["total_outer_steps"]) for r in seeds) + " |")
+  if numbers.get("median_final_meta_test"):
+    lines += ["", "Median over seeds of the final meta-test loss: " + ", ".join(
+        f"{n} {v:.4f}" for n, v in sorted(
+            numbers["median_final_meta_test"].items(), key=lambda kv: kv[1]))]
+  if numbers.get("merge_quality"):
+    lines += ["", "## Merge quality: total variance over draws from one inner "
+              "state, as a multiple of the better of RP and ES alone", "",
+              merge_quality.table(numbers["merge_quality"])]
   if numbers.get("gradient_quality"):
     lines += quality_lines(numbers)
   if numbers.get("part1_incomplete"):
