@@ -60,9 +60,9 @@ def _time_steps(num_samples: int, steps: int, seed: int) -> dict:
   """Median wall time of `steps` outer steps after one warm-up step."""
   import jax  # pylint: disable=g-import-not-at-top
   from learned_optimization.outer_trainers import truncation_schedule  # pylint: disable=g-import-not-at-top
-  from pathology_fix import estimators  # pylint: disable=g-import-not-at-top
-  from pathology_fix import paper_lopt  # pylint: disable=g-import-not-at-top
-  from pathology_fix import tasks  # pylint: disable=g-import-not-at-top
+  from pathology_fix.meta_gradient import estimators  # pylint: disable=g-import-not-at-top
+  from pathology_fix.optimizers import paper_lopt  # pylint: disable=g-import-not-at-top
+  from pathology_fix.tasks_and_data import tasks  # pylint: disable=g-import-not-at-top
   from pathology_fix.runtime import outer_loop  # pylint: disable=g-import-not-at-top
 
   family = tasks.DigitsClassSubsetFamily(
@@ -91,7 +91,7 @@ def _time_steps(num_samples: int, steps: int, seed: int) -> dict:
 
 
 def _worker(args):
-  from pathology_fix import distributed  # pylint: disable=g-import-not-at-top
+  from pathology_fix.runtime import distributed  # pylint: disable=g-import-not-at-top
   if args.coordinator:
     distributed.initialize(args.coordinator, args.processes, args.process_id)
   rows = [_time_steps(n, args.steps, args.seed) for n in args.samples]

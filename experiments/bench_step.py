@@ -52,8 +52,8 @@ from learned_optimization.learned_optimizers import adafac_mlp_lopt  # pylint: d
 from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.learned_optimizers import nn_adam
 from learned_optimization.optimizers import base as opt_base
-from pathology_fix import paper_lopt
-from pathology_fix import tasks
+from pathology_fix.optimizers import paper_lopt
+from pathology_fix.tasks_and_data import tasks
 
 DEFAULT_OUT = pathlib.Path(__file__).parent / "results" / "bench_step"
 BASELINE = "Adam"

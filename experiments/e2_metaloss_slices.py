@@ -31,8 +31,8 @@ from experiments.lib import common
 from experiments.lib.roughness import roughness
 from experiments.lib.roughness import save_roughness_vs_length
 from learned_optimization.learned_optimizers import mlp_lopt
-from pathology_fix import data
-from pathology_fix import tasks
+from pathology_fix.tasks_and_data import data
+from pathology_fix.tasks_and_data import tasks
 
 NAME = "e2_metaloss_slices"
 LENGTHS = (5, 10, 20, 50)

@@ -50,9 +50,9 @@ from experiments.lib import plots
 from experiments.lib.baselines import BASELINES, LRS
 from experiments.lib.meta_training import ARCH, IMAGE_SIZE, NUM_CLASSES
 from learned_optimization.optimizers import base as opt_base
-from pathology_fix import estimators
-from pathology_fix import schedules
-from pathology_fix import tasks
+from pathology_fix.meta_gradient import estimators
+from pathology_fix.meta_gradient import schedules
+from pathology_fix.tasks_and_data import tasks
 from pathology_fix.runtime import evaluation
 
 NAME = "e5_headline/objective_comparison"  # the default mode's results

@@ -193,7 +193,7 @@ def evaluate(out_dir, recipe, quick, seed):
   """Held-out table of the shipped theta vs Adam(1e-3) and tuned Adam."""
   import gin  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from pathology_fix import demo  # pylint: disable=g-import-not-at-top
+  from pathology_fix.cli import demo  # pylint: disable=g-import-not-at-top
   from pathology_fix import pretrained  # pylint: disable=g-import-not-at-top
   from pathology_fix.runtime import local_training  # pylint: disable=g-import-not-at-top
 

@@ -17,7 +17,7 @@ import pytest
 
 import pathology_fix  # pylint: disable=unused-import  # compat before LO
 from pathology_fix.runtime import local_training
-from pathology_fix import train
+from pathology_fix.cli import train
 
 import cli_utils
 

@@ -22,8 +22,8 @@ import numpy as np
 import portpicker
 import pytest
 
-from pathology_fix import distributed
-from pathology_fix import train
+from pathology_fix.runtime import distributed
+from pathology_fix.cli import train
 
 import cli_utils
 

@@ -11,10 +11,10 @@ from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.outer_trainers import truncated_grad
 from learned_optimization.outer_trainers import truncation_schedule
 from learned_optimization.tasks import quadratics
-from pathology_fix import estimators
-from pathology_fix import lo_api
-from pathology_fix import schedules
-from pathology_fix import variational_lopt
+from pathology_fix.meta_gradient import estimators
+from pathology_fix.lo_boundary import lo_api
+from pathology_fix.meta_gradient import schedules
+from pathology_fix.optimizers import variational_lopt
 
 SIGMA = 0.1
 STEPS = 10

@@ -9,10 +9,10 @@ import jax
 import cli_utils
 from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.outer_trainers import truncated_pes
-from pathology_fix import estimators
-from pathology_fix import lo_api
-from pathology_fix import schedules
-from pathology_fix import validation_task
+from pathology_fix.meta_gradient import estimators
+from pathology_fix.lo_boundary import lo_api
+from pathology_fix.meta_gradient import schedules
+from pathology_fix.tasks_and_data import validation_task
 
 CONFIGS = sorted((cli_utils.REPO / "gin_configs").glob("*.gin"))
 

@@ -20,10 +20,10 @@ from learned_optimization.outer_trainers import gradient_learner
 from learned_optimization.outer_trainers import truncated_pes
 from learned_optimization.outer_trainers import truncation_schedule
 from learned_optimization.tasks import quadratics
-from pathology_fix import estimators
-from pathology_fix import lo_api
+from pathology_fix.meta_gradient import estimators
+from pathology_fix.lo_boundary import lo_api
 from pathology_fix.runtime import local_training
-from pathology_fix import mixing
+from pathology_fix.meta_gradient import mixing
 
 import cli_utils
 

@@ -10,7 +10,7 @@ NOT_RUN with the reason.
 import pytest
 
 import test_lo_shipped_tests as shipped
-from pathology_fix import lo_api
+from pathology_fix.lo_boundary import lo_api
 
 pytestmark = pytest.mark.skipif(
     not lo_api.IS_MAIN, reason="learned_optimization GitHub main's test modules")

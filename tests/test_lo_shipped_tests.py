@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from pathology_fix import lo_api
+from pathology_fix.lo_boundary import lo_api
 
 # LO GitHub main ships other test modules: tests/test_lo_main_shipped_tests.py.
 pytestmark = pytest.mark.skipif(

@@ -166,7 +166,7 @@ def test_progress_adam_saved_like_a_shipped_optimizer_runs_as_optax(
   import gin
   from experiments import pretrain
   from learned_optimization.outer_trainers import gradient_learner
-  from pathology_fix import progress_lopt
+  from pathology_fix.optimizers import progress_lopt
   folder = tmp_path / "progress_test"
   folder.mkdir()
   gin.clear_config()
@@ -290,7 +290,7 @@ def test_shipped_optimizer_beats_adam_1e3_on_two_heldout_tasks(name):
   inits; against LO's own Adam(1e-3), same data and keys.
   """
   from learned_optimization.optimizers import base as opt_base
-  from pathology_fix import demo
+  from pathology_fix.cli import demo
   from pathology_fix.runtime import evaluation
   record = pretrained.record(name)
   keys = jax.random.split(jax.random.PRNGKey(record["heldout"]["seed"]),

@@ -17,9 +17,9 @@ from learned_optimization.outer_trainers import truncated_es
 from learned_optimization.outer_trainers import truncated_grad
 from learned_optimization.outer_trainers import truncated_pes
 from learned_optimization.outer_trainers import truncation_schedule
-from pathology_fix import estimators
-from pathology_fix import lo_api
-from pathology_fix import progress_lopt
+from pathology_fix.meta_gradient import estimators
+from pathology_fix.lo_boundary import lo_api
+from pathology_fix.optimizers import progress_lopt
 
 SHAPES = {"a": (3, 4), "b": (5,)}
 

@@ -22,7 +22,7 @@ from learned_optimization.outer_trainers import gradient_learner
 from learned_optimization.outer_trainers import truncation_schedule
 from learned_optimization.tasks import quadratics
 from learned_optimization.tasks.datasets import base as datasets_base
-from pathology_fix import estimators
+from pathology_fix.meta_gradient import estimators
 
 assert jax.local_device_count() == 2, jax.devices()
 

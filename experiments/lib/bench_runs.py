@@ -77,7 +77,7 @@ class CompileCounter:
 def cnn_family(image_size: int, batch_size: int):
   """The paper's conv3 on Fashion-MNIST classes; a synthetic stand-in if absent."""
   try:
-    from pathology_fix import tasks as ptasks  # pylint: disable=g-import-not-at-top
+    from pathology_fix.tasks_and_data import tasks as ptasks  # pylint: disable=g-import-not-at-top
     family = ptasks.FashionMnistClassSubsetFamily(
         architecture="conv3", image_size=image_size, batch_size=batch_size)
     return family, f"conv3 FashionMNIST {image_size}px b{batch_size}"
@@ -136,7 +136,7 @@ def make_estimator(name: str, family, lopt, n: int, k: int, total: int,
   from learned_optimization.outer_trainers import truncated_grad  # pylint: disable=g-import-not-at-top
   from learned_optimization.outer_trainers import truncated_pes  # pylint: disable=g-import-not-at-top
   from learned_optimization.outer_trainers import truncation_schedule  # pylint: disable=g-import-not-at-top
-  from pathology_fix import estimators  # pylint: disable=g-import-not-at-top
+  from pathology_fix.meta_gradient import estimators  # pylint: disable=g-import-not-at-top
   sched = truncation_schedule.ConstantTruncationSchedule(total)
   if name in HYBRID:
     return estimators.HybridRPES(

@@ -22,11 +22,11 @@ from learned_optimization.outer_trainers import truncated_grad
 from learned_optimization.outer_trainers import truncated_pes
 from learned_optimization.outer_trainers import truncation_schedule
 from learned_optimization.tasks.datasets import base as datasets_base
-from pathology_fix import data
-from pathology_fix import estimators
-from pathology_fix import lo_api
-from pathology_fix import tasks
-from pathology_fix import validation_task
+from pathology_fix.tasks_and_data import data
+from pathology_fix.meta_gradient import estimators
+from pathology_fix.lo_boundary import lo_api
+from pathology_fix.tasks_and_data import tasks
+from pathology_fix.tasks_and_data import validation_task
 from pathology_fix_core import combine
 from pathology_fix.runtime import outer_loop
 

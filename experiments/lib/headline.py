@@ -20,7 +20,7 @@ from experiments.lib import heldout
 from experiments.lib.baselines import BASELINES
 from experiments.lib.meta_training import ARCH, IMAGE_SIZE, NUM_CLASSES
 from learned_optimization.optimizers import base as opt_base
-from pathology_fix import tasks
+from pathology_fix.tasks_and_data import tasks
 from pathology_fix.runtime import evaluation
 
 EVAL = dict(batch_size=128, inner_steps=1000, num_fmnist_tasks=10,

@@ -16,7 +16,7 @@ import pathology_fix  # noqa: F401  (compat layer before any LO import)
 from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.outer_trainers import truncation_schedule
 from pathology_fix.runtime import outer_loop
-from pathology_fix import tasks
+from pathology_fix.tasks_and_data import tasks
 
 ARCH = "mlp2x32"
 IMAGE_SIZE = 8

@@ -28,8 +28,8 @@ from learned_optimization.learned_optimizers import adafac_mlp_lopt
 from learned_optimization.learned_optimizers import base as lopt_base
 from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.learned_optimizers import nn_adam
-from pathology_fix import paper_lopt
-from pathology_fix import progress_lopt
+from pathology_fix.optimizers import paper_lopt
+from pathology_fix.optimizers import progress_lopt
 from pathology_fix.pretrained.adapter import lopt_to_optax
 
 ARCHITECTURE_FILE = "lopt.gin"

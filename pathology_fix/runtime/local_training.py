@@ -51,8 +51,8 @@ from learned_optimization.outer_trainers import gradient_learner
 import numpy as onp
 import tqdm
 
-from pathology_fix import distributed
-from pathology_fix import lo_api
+from pathology_fix.runtime import distributed
+from pathology_fix.lo_boundary import lo_api
 from pathology_fix.runtime import outer_loop
 
 CHECKPOINT_PREFIX = "checkpoint_"

@@ -65,7 +65,7 @@ import gin
 import jax
 import numpy as np
 
-from pathology_fix import tasks as tasks_lib
+from pathology_fix.tasks_and_data import tasks as tasks_lib
 from pathology_fix.runtime import evaluation
 from pathology_fix.runtime import model_selection
 from pathology_fix.runtime import theta_averaging

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from learned_optimization.learned_optimizers import base as lopt_base
 from learned_optimization.optimizers import base as opt_base
 from learned_optimization.outer_trainers import gradient_learner
-from pathology_fix import lo_api
+from pathology_fix.lo_boundary import lo_api
 
 PRNGKey = jnp.ndarray
 

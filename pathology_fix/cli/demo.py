@@ -151,7 +151,7 @@ def heldout_tasks(keys, **family_kwargs):
 
   The family's other arguments come from gin (the config's tasks) unless given.
   """
-  from pathology_fix import tasks  # pylint: disable=g-import-not-at-top
+  from pathology_fix.tasks_and_data import tasks  # pylint: disable=g-import-not-at-top
 
   def make():
     out = []

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 import gin
 import jax
 
-from pathology_fix import lo_api
+from pathology_fix.lo_boundary import lo_api
 
 
 @gin.configurable

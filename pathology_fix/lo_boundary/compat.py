@@ -119,13 +119,13 @@ def _make_stand_ins():
         "tensorflow.compat.v2": tf_v2,
     })
   if not _is_installed("tensorflow") or not _is_installed("tensorboard"):
-    from pathology_fix.runtime import tensorboard_writer  # pylint: disable=g-import-not-at-top
+    from pathology_fix.lo_boundary import tensorboard_writer  # pylint: disable=g-import-not-at-top
     modules["flax.metrics.tensorboard"] = tensorboard_writer
   if not _is_installed("tensorflow_datasets"):
     modules["tensorflow_datasets"] = _StandInModule("tensorflow_datasets",
                                                     "tensorflow_datasets")
   if not _is_installed("courier"):
-    from pathology_fix.runtime import inprocess_courier  # pylint: disable=g-import-not-at-top
+    from pathology_fix.lo_boundary import inprocess_courier  # pylint: disable=g-import-not-at-top
     modules["courier"] = inprocess_courier
   return modules
 
@@ -163,7 +163,7 @@ def _use_tensorboardx_writer(summary_module):
   """LO main's summary writers need TensorFlow; 0.0.1's is flax's (stood in)."""
   if "TensorboardWriter" in summary_module.__dict__ and (
       not _is_installed("tensorflow") or not _is_installed("tensorboard")):
-    from pathology_fix.runtime import tensorboard_writer  # pylint: disable=g-import-not-at-top
+    from pathology_fix.lo_boundary import tensorboard_writer  # pylint: disable=g-import-not-at-top
     summary_module.TensorboardWriter = tensorboard_writer.SummaryWriter
     summary_module.JaxboardWriter = tensorboard_writer.SummaryWriter
 

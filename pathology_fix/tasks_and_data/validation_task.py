@@ -32,7 +32,7 @@ import numpy as np
 
 from learned_optimization.tasks import base as tasks_base
 from learned_optimization.tasks.datasets import base as datasets_base
-from pathology_fix import batches
+from pathology_fix.meta_gradient import batches
 from pathology_fix_core import objectives
 
 

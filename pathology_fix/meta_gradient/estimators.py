@@ -31,10 +31,10 @@ import numpy as np
 from learned_optimization.outer_trainers import gradient_learner
 from pathology_fix_core import combine
 from pathology_fix_core import curriculum
-from pathology_fix import inner_problems
-from pathology_fix import lo_api
-from pathology_fix import schedules
-from pathology_fix import unroll
+from pathology_fix.meta_gradient import inner_problems
+from pathology_fix.lo_boundary import lo_api
+from pathology_fix.meta_gradient import schedules
+from pathology_fix.meta_gradient import unroll
 from pathology_fix_core import variational
 
 DEFAULT_UNROLL_LENGTH = 20

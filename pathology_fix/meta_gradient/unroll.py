@@ -21,9 +21,9 @@ from typing import Any, Optional, Tuple
 import jax
 import numpy as np
 
-from pathology_fix import inner_problems
-from pathology_fix import sharding
-from pathology_fix import vjp_engine
+from pathology_fix.meta_gradient import inner_problems
+from pathology_fix.meta_gradient import sharding
+from pathology_fix.meta_gradient import vjp_engine
 
 # Re-exported: the state and result types, and the option tuples.
 VariationalUnrollState = inner_problems.VariationalUnrollState

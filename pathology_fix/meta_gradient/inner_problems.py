@@ -27,7 +27,7 @@ import numpy as np
 
 from learned_optimization import training
 from learned_optimization.outer_trainers import gradient_learner
-from pathology_fix import batches
+from pathology_fix.meta_gradient import batches
 from pathology_fix_core import objectives
 
 META_LOSS_SPLITS = ("train", "outer_valid")

@@ -25,7 +25,7 @@ It is a LO `Optimizer` (a `GradientClipOptimizer` around an optax-based LO
 optimizer, on LO 0.0.1 and LO main), so it is the GradientLearner's theta
 optimizer in gin:
 
-  import pathology_fix.runtime.outer_schedule
+  import pathology_fix.optimizers.outer_schedule
   GradientLearner.theta_opt = @scheduled_outer_optimizer()
   scheduled_outer_optimizer.schedule = "cosine"
   scheduled_outer_optimizer.total_steps = 400

@@ -56,8 +56,8 @@ from learned_optimization.tasks.fixed import conv
 from learned_optimization.tasks.fixed import image_mlp
 import numpy as np
 
-from pathology_fix import batches
-from pathology_fix import data
+from pathology_fix.meta_gradient import batches
+from pathology_fix.tasks_and_data import data
 
 PRNGKey = jax.Array
 

@@ -52,9 +52,9 @@ import jax
 import pathology_fix  # pylint: disable=unused-import  # compat before LO
 from learned_optimization import outer_train  # pylint: disable=g-bad-import-order
 from learned_optimization import setup_experiment  # pylint: disable=g-bad-import-order  # defines the flags
-from pathology_fix import data
-from pathology_fix import distributed
-from pathology_fix import lo_api
+from pathology_fix.tasks_and_data import data
+from pathology_fix.runtime import distributed
+from pathology_fix.lo_boundary import lo_api
 from pathology_fix.runtime import local_training
 
 FLAGS = flags.FLAGS
