@@ -33,6 +33,7 @@ from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.outer_trainers import gradient_learner
 from learned_optimization.outer_trainers import truncation_schedule
 from pathology_fix.meta_gradient import estimators
+from pathology_fix.optimizers import outer_optimizer
 from pathology_fix.runtime import outer_loop
 from pathology_fix.tasks_and_data import tasks
 
@@ -77,7 +78,7 @@ def train_theta(estimator, lopt, num_steps, seed):
   theta and the meta-losses.
   """
   learner = outer_loop.learner(
-      lopt, outer_loop.paper_outer_optimizer(OUTER_LR))
+      lopt, outer_optimizer.paper_outer_optimizer(OUTER_LR))
   state = learner.init(jax.random.PRNGKey(seed))
   losses = []
   steps = outer_loop.run(learner, [estimator], state, num_steps,

@@ -12,6 +12,7 @@ import pytest
 import pathology_fix  # noqa: F401  (compat before LO)
 from learned_optimization.learned_optimizers import base as lopt_base  # pylint: disable=g-bad-import-order
 from learned_optimization.outer_trainers import gradient_learner  # pylint: disable=g-bad-import-order
+from pathology_fix.optimizers import outer_optimizer
 from pathology_fix.runtime import outer_loop
 from pathology_fix.optimizers import outer_schedule
 
@@ -96,7 +97,7 @@ def test_constant_schedule_is_exactly_the_paper_optimizer():
   rng = np.random.default_rng(1)
   theta = {"a": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
            "b": jnp.asarray(rng.normal(size=(2,)), jnp.float32)}
-  paper = outer_loop.paper_outer_optimizer(3e-3)
+  paper = outer_optimizer.paper_outer_optimizer(3e-3)
   ours = outer_schedule.scheduled_outer_optimizer(3e-3)
   assert isinstance(ours.opt, type(paper.opt))
   s_paper, s_ours = paper.init(theta), ours.init(theta)

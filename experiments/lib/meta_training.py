@@ -3,7 +3,7 @@
 Task distribution: mlp2x32 on 8x8 Fashion-MNIST, every 3-class subset of a
 class pool (one subset per sample, random inits). Outer training is
 `pathology_fix.runtime.outer_loop.run` with the paper's outer optimizer
-(`outer_loop.paper_outer_optimizer`) at the experiment's learning rate.
+(`outer_optimizer.paper_outer_optimizer`) at the experiment's learning rate.
 """
 
 import time
@@ -15,6 +15,7 @@ from tqdm import tqdm
 import pathology_fix  # noqa: F401  (compat layer before any LO import)
 from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.outer_trainers import truncation_schedule
+from pathology_fix.optimizers import outer_optimizer
 from pathology_fix.runtime import outer_loop
 from pathology_fix.tasks_and_data import tasks
 
@@ -47,7 +48,7 @@ _LEARNERS = {}
 def _learner(outer_lr: float):
   if outer_lr not in _LEARNERS:
     _LEARNERS[outer_lr] = outer_loop.learner(
-        make_lopt(), outer_loop.paper_outer_optimizer(outer_lr))
+        make_lopt(), outer_optimizer.paper_outer_optimizer(outer_lr))
   return _LEARNERS[outer_lr]
 
 

@@ -20,7 +20,8 @@ import sys
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The checkout: pathology_fix/cli/demo.py is three levels down.
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_CONFIG = os.path.join(REPO, "gin_configs", "demo.gin")
 HELDOUT_TASKS = 4
 HELDOUT_FILE = "heldout_eval.json"
