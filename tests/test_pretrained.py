@@ -180,7 +180,7 @@ def test_progress_adam_saved_like_a_shipped_optimizer_runs_as_optax(
            "beta1": jnp.asarray(0.02, jnp.float32),
            "beta2": jnp.asarray(-0.05, jnp.float32),
            "weight_decay": jnp.asarray(0.05, jnp.float32)}
-  # params_<N> as local_training.save_checkpoint writes it.
+  # params_<N> as checkpoints.save_checkpoint writes it.
   (folder / "params_7").write_bytes(flax.serialization.to_bytes(
       gradient_learner.ParameterCheckpoint(theta, "no_gen_id", 7)))
   (folder / "record.json").write_text(json.dumps({"name": "progress_test"}))

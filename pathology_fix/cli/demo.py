@@ -30,12 +30,6 @@ REPORTED = (("final_outer_valid_loss", "validation loss after the run"),
             ("train_loss_mean", "training loss, mean over the run"))
 
 
-def read_metrics(train_log_dir):
-  path = os.path.join(train_log_dir, "metrics.jsonl")
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 # Adam's learning-rate grid (E5's): 11 rates log-spaced 1e-4 .. 10.
 ADAM_LRS = tuple(float(x) for x in np.logspace(-4, 1, 11))
 ADAM_DEFAULT_LR = 1e-3
@@ -122,18 +116,19 @@ def heldout_check(train_log_dir, config_file=DEMO_CONFIG, seed=0):
   """
   import gin  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  import pathology_fix  # pylint: disable=g-import-not-at-top,unused-import
   from learned_optimization.learned_optimizers import mlp_lopt  # pylint: disable=g-import-not-at-top
-  from pathology_fix.runtime import local_training  # pylint: disable=g-import-not-at-top
+  from pathology_fix.runtime import checkpoints  # pylint: disable=g-import-not-at-top
+  # demo.gin binds resumable_local_train, the loop's gin name.
+  from pathology_fix.runtime import local_training  # pylint: disable=g-import-not-at-top,unused-import
 
   gin.clear_config()
   gin.add_config_file_search_path(os.path.dirname(os.path.abspath(config_file)))
   gin.parse_config_file(config_file)
   lopt = mlp_lopt.MLPLOpt()
-  latest = local_training.checkpoint_steps(
-      train_log_dir, local_training.PARAMS_PREFIX)[-1]
-  thetas = {"initial": local_training.load_params(train_log_dir, 0, lopt),
-            "trained": local_training.load_params(train_log_dir, latest, lopt)}
+  latest = checkpoints.checkpoint_steps(
+      train_log_dir, checkpoints.PARAMS_PREFIX)[-1]
+  thetas = {"initial": checkpoints.load_params(train_log_dir, 0, lopt),
+            "trained": checkpoints.load_params(train_log_dir, latest, lopt)}
   num_steps = int(
       gin.query_parameter("ConstantTruncationSchedule.total_length"))
   keys = jax.random.split(jax.random.PRNGKey(seed), HELDOUT_TASKS + 1)
@@ -171,7 +166,8 @@ def plot_meta_loss(train_log_dir, out_path, heldout):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  rows = read_metrics(train_log_dir)
+  from pathology_fix.runtime import checkpoints  # pylint: disable=g-import-not-at-top
+  rows = checkpoints.read_metrics(train_log_dir)
   steps = np.array([r["step"] for r in rows])
   loss = np.array([r["mean_loss"] for r in rows])
   window = max(1, len(loss) // 10)

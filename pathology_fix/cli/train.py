@@ -5,7 +5,7 @@ r"""Single-machine meta-training with learned_optimization's `run_train`.
 
 The flags are LO's own (`learned_optimization.setup_experiment`). Training
 runs LO's `outer_train.run_train` with a resumable loop in place of LO 0.0.1's
-`local_train` (see `pathology_fix.runtime.local_training`): rerunning the same command
+`local_train` (`pathology_fix.runtime.local_training`): rerunning the same command
 with the same DIR continues from the last checkpoint. DIR receives
 checkpoint_<N>/params_<N>, TensorBoard event files, metrics.jsonl and
 config.gin.
@@ -49,12 +49,12 @@ from absl import logging
 import gin
 import jax
 
-import pathology_fix  # pylint: disable=unused-import  # compat before LO
-from learned_optimization import outer_train  # pylint: disable=g-bad-import-order
-from learned_optimization import setup_experiment  # pylint: disable=g-bad-import-order  # defines the flags
+from learned_optimization import outer_train
+from learned_optimization import setup_experiment  # defines the flags
 from pathology_fix.tasks_and_data import data
 from pathology_fix.runtime import distributed
 from pathology_fix.lo_boundary import lo_api
+from pathology_fix.runtime import checkpoints
 from pathology_fix.runtime import local_training
 
 FLAGS = flags.FLAGS
@@ -264,19 +264,19 @@ def _join_processes():
 
 def _check_resumable(train_log_dir: str):
   """An earlier run's outputs without a checkpoint: training would restart."""
-  if local_training.checkpoint_steps(train_log_dir):
+  if checkpoints.checkpoint_steps(train_log_dir):
     return
-  earlier = [f"{local_training.PARAMS_PREFIX}{n}" for n in
-             local_training.checkpoint_steps(train_log_dir,
-                                             local_training.PARAMS_PREFIX)
+  earlier = [f"{checkpoints.PARAMS_PREFIX}{n}" for n in
+             checkpoints.checkpoint_steps(train_log_dir,
+                                             checkpoints.PARAMS_PREFIX)
              if n > 0]
-  metrics = os.path.join(train_log_dir, local_training.METRICS_FILE)
+  metrics = os.path.join(train_log_dir, checkpoints.METRICS_FILE)
   if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
-    earlier.append(local_training.METRICS_FILE)
+    earlier.append(checkpoints.METRICS_FILE)
   if earlier:
     raise UsageError(
         f"--train_log_dir {train_log_dir} holds an earlier run "
-        f"({', '.join(earlier)}) but no {local_training.CHECKPOINT_PREFIX}<N> "
+        f"({', '.join(earlier)}) but no {checkpoints.CHECKPOINT_PREFIX}<N> "
         "to resume from: restore its checkpoints, or use a new --train_log_dir")
 
 
@@ -294,7 +294,7 @@ class _RunDirectory:
     while not os.path.exists(parent):
       self.created_root, parent = parent, os.path.dirname(parent)
     self.names = set() if self.created_root else set(os.listdir(self.path))
-    self.steps = set(local_training.checkpoint_steps(self.path))
+    self.steps = set(checkpoints.checkpoint_steps(self.path))
     self.config = self._read("config.gin")
 
   def _read(self, name: str) -> Optional[bytes]:
@@ -306,7 +306,7 @@ class _RunDirectory:
 
   def trained(self) -> bool:
     """Whether this run saved a checkpoint after an outer step."""
-    new = set(local_training.checkpoint_steps(self.path)) - self.steps
+    new = set(checkpoints.checkpoint_steps(self.path)) - self.steps
     return any(step > 0 for step in new)
 
   def _new_names(self):
@@ -328,7 +328,7 @@ class _RunDirectory:
       else:
         os.remove(path)
     if self.config is not None and self._read("config.gin") != self.config:
-      local_training.write_atomically(
+      checkpoints.write_atomically(
           os.path.join(self.path, "config.gin"), self.config)
 
 
@@ -390,10 +390,11 @@ def _config_gin_from_primary_only():
 
 
 def _run_train():
-  with local_training.installed(), _config_gin_from_primary_only():
+  with lo_api.local_train_replaced_by(local_training.resumable_local_train), \
+      _config_gin_from_primary_only():
     try:
       outer_train.run_train(FLAGS.train_log_dir)
-    except local_training.CheckpointError as e:
+    except checkpoints.CheckpointError as e:
       raise UsageError(_message(e)) from e
     except RuntimeError as e:
       # gin raises this before training starts when a parameter is unset.

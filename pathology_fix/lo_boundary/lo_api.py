@@ -20,11 +20,12 @@ which rewrites the 0.0.1 bindings above, so the shipped configs (and users'
 0.0.1 configs) run on both; scoped bindings fail with one clear error.
 """
 
+import contextlib
 import importlib.util
 import io
 import os
 import re
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import gin
 
@@ -194,6 +195,22 @@ def maybe_resample_gradient_estimators(
         "GitHub main; 0.0.1 always resamples with build_gradient_estimators")
   return outer_train.maybe_resample_gradient_estimators(
       learned_opt, gradient_estimators, unroll_states, **kwargs)
+
+
+@contextlib.contextmanager
+def local_train_replaced_by(local_train: Callable[..., Any]) -> Iterator[None]:
+  """Makes LO's `run_train` call `local_train` inside the block.
+
+  `run_train` looks `outer_train.local_train` up by global name when it runs
+  (0.0.1 and main), so swapping the module attribute is enough.
+  """
+  from learned_optimization import outer_train  # pylint: disable=g-import-not-at-top
+  original = outer_train.local_train
+  outer_train.local_train = local_train
+  try:
+    yield
+  finally:
+    outer_train.local_train = original
 
 
 # ----------------------------------------------------------------------- gin
