@@ -87,7 +87,7 @@ def _time_steps(num_samples: int, steps: int, seed: int) -> dict:
   return {"n": num_samples, "warmup_s": times[0],
           "median_step_s": statistics.median(times[1:]),
           "median_step_cpu_s": statistics.median(cpu_times[1:]),
-          "split": est.unroller.sharding.active}
+          "split": est.sharding.active}
 
 
 def _worker(args):

@@ -93,7 +93,7 @@ def train_theta(estimator, lopt, num_steps, seed):
 def measure(estimator, theta, start_state, lengths, num_draws, seed, label):
   """Per-coordinate variance over draws of the three estimates, per length."""
   unroller = estimator.unroller
-  n = estimator.num_tasks
+  n = estimator.num_samples
   results = {}
   jobs = [(length, r) for length in lengths for r in range(num_draws)]
   draws = {length: {m: [] for m in estimators.MERGES} for length in lengths}

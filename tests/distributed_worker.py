@@ -66,8 +66,8 @@ def main(argv):
   result = dict(process_index=jax.process_index(),
                 process_count=jax.process_count(),
                 devices=len(jax.devices()),
-                split=est.unroller.sharding.active,
-                local_samples=est.unroller.sharding.local_samples.tolist(),
+                split=est.sharding.active,
+                local_samples=est.sharding.local_samples.tolist(),
                 gathered=gathered[0],
                 grad=flat(first.grad), theta=flat(theta),
                 losses=[float(s.mean_loss) for s in steps])

@@ -115,7 +115,7 @@ def test_truncated_step_construction_matches_task_family_construction():
       family, lopt, sched, num_tasks=5)
   from_step = estimators.HybridRPES(step, unroll_length=10)
   direct = estimators.HybridRPES(family, lopt, sched, 5, unroll_length=10)
-  assert from_step.num_tasks == 5 and from_step.trunc_sched is sched
+  assert from_step.num_samples == 5 and from_step.trunc_sched is sched
   assert from_step.task_name() == family.name
   jax.tree_util.tree_map(np.testing.assert_allclose, _gradient(from_step, lopt),
                          _gradient(direct, lopt))

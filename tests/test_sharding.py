@@ -70,7 +70,7 @@ def run(shard, rematerialize):
                           for leaf in jax.tree_util.tree_leaves(state)})
   grad_devices = sorted({len(leaf.sharding.device_set)
                          for leaf in jax.tree_util.tree_leaves(out.grad)})
-  return dict(active=est.unroller.sharding.active, grads=grads, losses=losses,
+  return dict(active=est.sharding.active, grads=grads, losses=losses,
               state_devices=state_devices, grad_devices=grad_devices,
               inner_step=np.asarray(state.inner_step).tolist())
 
@@ -83,7 +83,7 @@ result = {
 with warnings.catch_warnings(record=True) as caught:
   warnings.simplefilter("always")
   odd = estimator(True, num_tasks=5)
-result["odd_active"] = odd.unroller.sharding.active
+result["odd_active"] = odd.sharding.active
 result["odd_warnings"] = [str(w.message) for w in caught]
 print("RESULT" + json.dumps(result))
 """

@@ -345,7 +345,7 @@ def _hybrid_breakdown(est, weights, state, k, repeats):
   state, steps_left = unroller.prepare(theta, state, weights.outer_state,
                                        jax.random.PRNGKey(7))
   eps = variational.sample_perturbations(jax.random.PRNGKey(8), theta,
-                                         est.sigma, num_samples=est.num_tasks)
+                                         est.sigma, num_samples=est.num_samples)
   out = {}
   for label, grads in (("forward_s", False), ("unroll_with_reverse_s", True)):
     times = []

@@ -21,6 +21,7 @@ which rewrites the 0.0.1 bindings above, so the shipped configs (and users'
 """
 
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import os
@@ -48,17 +49,28 @@ def _is_truncated_step(value) -> bool:
       not hasattr(value, "sample"))
 
 
-def estimator_inputs(owner: str, first, learned_opt, trunc_sched,
-                     num_tasks) -> Tuple[Any, Any, Any, Any]:
-  """(task_family, learned_opt, trunc_sched, num_tasks) from either API's call.
+@dataclasses.dataclass(frozen=True)
+class EstimatorInputs:
+  """What either LO's call hands an estimator.
 
-  0.0.1 builds an estimator as `fn(task_family, learned_opt)`, main as
-  `fn(truncated_step)`; from a truncated step, `trunc_sched` and `num_tasks`
-  default to the step's own when the estimator has none bound.
+  trunc_sched and num_tasks are the truncated step's (main), or None when
+  there is none (0.0.1's call, or a `LazyLOptTruncatedStep`); an estimator's
+  own bindings take precedence over them.
+  """
+  task_family: Any
+  learned_opt: Any
+  trunc_sched: Any = None
+  num_tasks: Optional[int] = None
+
+
+def estimator_inputs(owner: str, first, learned_opt) -> EstimatorInputs:
+  """Unpacks `fn(task_family, learned_opt)` (0.0.1) or `fn(truncated_step)` (main).
 
   Raises:
-    TypeError / ValueError naming `<owner>.<argument>`.
+    TypeError naming `<owner>.learned_opt` when there is none, or when a
+    truncated step comes with a different one.
   """
+  trunc_sched = num_tasks = None
   if _is_truncated_step(first):
     step = first
     if learned_opt is not None and learned_opt is not step.learned_opt:
@@ -67,19 +79,14 @@ def estimator_inputs(owner: str, first, learned_opt, trunc_sched,
           "one or the other")
     learned_opt = step.learned_opt
     if not isinstance(step, LazyLOptTruncatedStep):
-      trunc_sched = step.trunc_sched if trunc_sched is None else trunc_sched
-      num_tasks = step.num_tasks if num_tasks is None else num_tasks
+      trunc_sched, num_tasks = step.trunc_sched, step.num_tasks
     first = step.task_family
   if learned_opt is None:
     raise TypeError(
         f"{owner}.learned_opt is missing: build it as {owner}(task_family, "
         f"learned_opt, ...) (learned_optimization 0.0.1) or "
         f"{owner}(truncated_step, ...) (GitHub main)")
-  for name, value in (("trunc_sched", trunc_sched), ("num_tasks", num_tasks)):
-    if value is None:
-      raise TypeError(f"{owner}.{name} is missing: bind it in gin, e.g. "
-                      f"VariationalEstimator.{name} = ...")
-  return first, learned_opt, trunc_sched, num_tasks
+  return EstimatorInputs(first, learned_opt, trunc_sched, num_tasks)
 
 
 @gin.configurable
