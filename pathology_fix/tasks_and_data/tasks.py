@@ -208,9 +208,21 @@ def paper_task(architecture: str = "conv3",
                   datasets.extra_info["classes"]))
 
 
-@gin.configurable
+# The pool a family draws its classes from when none is given.
+DEFAULT_POOLS = {"fashion_mnist": "train", "digits": "all"}
+
+
+@gin.configurable(denylist=["owner"])
 class ClassSubsetFamily(base.TaskFamily):
-  """Tasks on one fixed class subset; tasks differ only in initialization.
+  """Tasks on one fixed class subset of `dataset`; tasks differ only in initialization.
+
+  The subset is `classes` (class ids), or, when None, `num_classes_per_task`
+  classes drawn by `seed` from `classes_pool`: "train" ({0..4}, meta-training),
+  "heldout" ({5..9}), "all", or explicit ids; the default pool is
+  "train" for Fashion-MNIST and "all" for digits. `seed` also picks the
+  batch order. Error messages name the family `owner` (default: the class's
+  name; the gin names `FashionMnistClassSubsetFamily` and
+  `DigitsClassSubsetFamily` pass their own).
 
   `sample(key)` -> int32 [k]: the original class ids (label i is classes[i]),
   identical for every key. `task_fn(cfg)` -> the family's single Task (data
@@ -219,19 +231,27 @@ class ClassSubsetFamily(base.TaskFamily):
   """
 
   def __init__(self,
-               classes: Sequence[int],
+               classes: Optional[Sequence[int]] = None,
                dataset: str = "fashion_mnist",
                architecture: str = "conv3",
                image_size: Optional[int] = None,
                batch_size: int = 128,
                normalization: str = "unit",
                seed: int = 0,
-               name: Optional[str] = None):
+               name: Optional[str] = None,
+               classes_pool: Union[str, Sequence[int], None] = None,
+               num_classes_per_task: int = 3,
+               owner: Optional[str] = None):
     super().__init__()
-    prefix = f"{type(self).__name__}."
+    prefix = f"{owner or type(self).__name__}."
+    dataset_fn = _dataset_fn(dataset, prefix)
+    if classes is None:
+      classes = draw_classes(
+          DEFAULT_POOLS[dataset] if classes_pool is None else classes_pool,
+          num_classes_per_task, seed, prefix)
     _check_architecture(architecture, prefix)  # before loading any data
     size = image_size or default_image_size(architecture)
-    self.datasets = _dataset_fn(dataset, prefix)(
+    self.datasets = dataset_fn(
         batch_size=batch_size, image_size=size, classes=classes,
         normalization=normalization, seed=seed)
     self.classes = tuple(self.datasets.extra_info["classes"])
@@ -290,50 +310,43 @@ def draw_classes(classes_pool: Union[str, Sequence[int]],
                                           replace=False))
 
 
+# Gin names of 0.1 (configs bind them): the one family on each dataset.
 @gin.configurable
-class FashionMnistClassSubsetFamily(ClassSubsetFamily):
-  """ClassSubsetFamily on k Fashion-MNIST classes drawn (by seed) from a pool.
-
-  classes_pool: "train" ({0..4}, meta-training), "heldout" ({5..9}), "all",
-  or explicit class ids. `seed` picks the classes and the batch order.
-  """
-
-  def __init__(self,
-               classes_pool: Union[str, Sequence[int]] = "train",
-               num_classes_per_task: int = 3,
-               architecture: str = "conv3",
-               image_size: Optional[int] = None,
-               batch_size: int = 128,
-               normalization: str = "unit",
-               seed: int = 0,
-               name: Optional[str] = None):
-    super().__init__(
-        draw_classes(classes_pool, num_classes_per_task, seed,
-                     f"{type(self).__name__}."),
-        dataset="fashion_mnist", architecture=architecture,
-        image_size=image_size, batch_size=batch_size,
-        normalization=normalization, seed=seed, name=name)
+def FashionMnistClassSubsetFamily(  # pylint: disable=invalid-name
+    classes_pool: Union[str, Sequence[int]] = "train",
+    num_classes_per_task: int = 3,
+    architecture: str = "conv3",
+    image_size: Optional[int] = None,
+    batch_size: int = 128,
+    normalization: str = "unit",
+    seed: int = 0,
+    name: Optional[str] = None) -> ClassSubsetFamily:
+  """`ClassSubsetFamily` on k Fashion-MNIST classes drawn (by seed) from a pool."""
+  return ClassSubsetFamily(
+      dataset="fashion_mnist", classes_pool=classes_pool,
+      num_classes_per_task=num_classes_per_task, architecture=architecture,
+      image_size=image_size, batch_size=batch_size,
+      normalization=normalization, seed=seed, name=name,
+      owner="FashionMnistClassSubsetFamily")
 
 
 @gin.configurable
-class DigitsClassSubsetFamily(ClassSubsetFamily):
-  """ClassSubsetFamily on k digit classes drawn (by seed) from {0..9}."""
-
-  def __init__(self,
-               classes_pool: Union[str, Sequence[int]] = "all",
-               num_classes_per_task: int = 3,
-               architecture: str = "conv3",
-               image_size: Optional[int] = None,
-               batch_size: int = 128,
-               normalization: str = "unit",
-               seed: int = 0,
-               name: Optional[str] = None):
-    super().__init__(
-        draw_classes(classes_pool, num_classes_per_task, seed,
-                     f"{type(self).__name__}."),
-        dataset="digits", architecture=architecture, image_size=image_size,
-        batch_size=batch_size, normalization=normalization, seed=seed,
-        name=name)
+def DigitsClassSubsetFamily(  # pylint: disable=invalid-name
+    classes_pool: Union[str, Sequence[int]] = "all",
+    num_classes_per_task: int = 3,
+    architecture: str = "conv3",
+    image_size: Optional[int] = None,
+    batch_size: int = 128,
+    normalization: str = "unit",
+    seed: int = 0,
+    name: Optional[str] = None) -> ClassSubsetFamily:
+  """`ClassSubsetFamily` on k digit classes drawn (by seed) from {0..9}."""
+  return ClassSubsetFamily(
+      dataset="digits", classes_pool=classes_pool,
+      num_classes_per_task=num_classes_per_task, architecture=architecture,
+      image_size=image_size, batch_size=batch_size,
+      normalization=normalization, seed=seed, name=name,
+      owner="DigitsClassSubsetFamily")
 
 
 class RoundRobin:
@@ -427,7 +440,7 @@ def sample_fashion_mnist_family(
     architecture: str = "conv3",
     image_size: Optional[int] = None,
     batch_size: int = 128,
-    normalization: str = "unit") -> FashionMnistClassSubsetFamily:
+    normalization: str = "unit") -> ClassSubsetFamily:
   """A `sample_task_family_fn`: a family on a new class subset per key."""
   return FashionMnistClassSubsetFamily(
       classes_pool=class_pool, num_classes_per_task=num_classes_per_task,
@@ -444,7 +457,7 @@ def sample_digits_family(key: PRNGKey,
                          image_size: Optional[int] = None,
                          batch_size: int = 128,
                          normalization: str = "unit"
-                        ) -> DigitsClassSubsetFamily:
+                        ) -> ClassSubsetFamily:
   """A `sample_task_family_fn` over digit class subsets (held out)."""
   return DigitsClassSubsetFamily(
       classes_pool=class_pool, num_classes_per_task=num_classes_per_task,
