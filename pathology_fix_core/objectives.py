@@ -11,6 +11,8 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from pathology_fix_core import errors
+
 
 def validate_max_loss(max_loss: float) -> float:
   """Checks the loss clip value; returns it as a Python float.
@@ -21,9 +23,11 @@ def validate_max_loss(max_loss: float) -> float:
   try:
     value = float(max_loss)
   except (TypeError, ValueError) as e:
-    raise ValueError(f"max_loss must be > 0, got {max_loss!r}") from e
+    raise errors.InvalidArgument(f"max_loss must be > 0, got {max_loss!r}",
+                                 "max_loss") from e
   if math.isnan(value) or value <= 0.0:
-    raise ValueError(f"max_loss must be > 0, got {max_loss!r}")
+    raise errors.InvalidArgument(f"max_loss must be > 0, got {max_loss!r}",
+                                 "max_loss")
   return value
 
 
@@ -96,8 +100,9 @@ def validate_clip_mode(clip_mode: str) -> str:
     ValueError: if ``clip_mode`` is not one of ``META_LOSS_CLIP_MODES``.
   """
   if clip_mode not in META_LOSS_CLIP_MODES:
-    raise ValueError(f"meta_loss_clip_mode ({clip_mode!r}) must be one of "
-                     f"{META_LOSS_CLIP_MODES}")
+    raise errors.InvalidArgument(
+        f"meta_loss_clip_mode ({clip_mode!r}) must be one of "
+        f"{META_LOSS_CLIP_MODES}", "meta_loss_clip_mode")
   return clip_mode
 
 

@@ -13,13 +13,13 @@ config.gin.
 Bad input prints one line `error: ...` on stderr and exits with status 2,
 leaving DIR as it was: missing --train_log_dir, missing config file, unknown
 gin configurable or parameter, module that can't be imported, a checkpoint
-that can't be restored, and every ValueError or TypeError that a configurable
-raises while gin builds the run (a bad value: the line names the gin binding).
+that can't be restored, a call gin refuses, and every value a configurable
+rejects (the line names the gin binding; see `config_errors`).
 --verbose adds the Python traceback. Ctrl-C saves a checkpoint and exits with
 status 130. Logging shows warnings only; pass --verbosity=0 for LO's INFO
 messages.
 
-Several processes (JAX's multi-controller runtime, `pathology_fix.distributed`):
+Several processes (JAX's multi-controller runtime, `runtime/distributed.py`):
 run the same command in every process, adding
 
   --coordinator_address HOST:PORT --num_processes P --process_id I
@@ -39,22 +39,21 @@ import os
 import re
 import shutil
 import sys
-import tokenize
 import traceback
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
 import gin
 import jax
-
 from learned_optimization import outer_train
 from learned_optimization import setup_experiment  # defines the flags
-from pathology_fix.tasks_and_data import data
-from pathology_fix.runtime import distributed
+
+from pathology_fix.cli import config_errors
 from pathology_fix.lo_boundary import lo_api
 from pathology_fix.runtime import checkpoints
+from pathology_fix.runtime import distributed
 from pathology_fix.runtime import local_training
 
 FLAGS = flags.FLAGS
@@ -80,141 +79,8 @@ USAGE_EXIT_CODE = 2
 FAILED_EXIT_CODE = 1
 INTERRUPTED_EXIT_CODE = 130
 
-# What gin raises for a bad config: unknown configurable/parameter/reference
-# (ValueError), failing `import` lines (ImportError), syntax errors.
-_GIN_PARSE_ERRORS = (ValueError, ImportError, SyntaxError, tokenize.TokenError,
-                     OSError)
-
-
-# What a configurable raises for a bad value (or a dataset that isn't there).
-_CONFIG_ERRORS = (ValueError, TypeError, data.DatasetNotFoundError)
-# Configurables whose bodies run the training (not build it), and those
-# which build what the training loop uses.
-_TRAINING_LOOPS = ("run_train", "resumable_local_train")
-_BUILDERS = ("build_gradient_estimators",)
-# What gin appends to an exception raised inside a configurable, innermost
-# first: "In call to configurable 'NAME' (<function f at 0x..>) in scope 'S'".
-_GIN_CALL = re.compile(r"In call to configurable '([^']+)' \((.*?)\)"
-                       r"(?: in scope '([^']*)')?$")
-_LEADING_NAME = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
-
-
 class UsageError(Exception):
   """Bad command-line input; reported as one line, exit status 2."""
-
-
-def _one_line(error: BaseException) -> str:
-  """First line of a (gin) error message, plus where gin says it happened."""
-  lines = [l.strip() for l in str(error).splitlines() if l.strip()]
-  if not lines:
-    return type(error).__name__
-  where = next((l for l in lines[1:] if l.startswith("In ")), None)
-  return f"{lines[0]} ({where[3:]})" if where else lines[0]
-
-
-def _gin_calls(error: BaseException) -> List[Tuple[str, str, str]]:
-  """(configurable, python name, scope) of gin's calls, innermost first."""
-  calls = []
-  for line in str(error).splitlines():
-    match = _GIN_CALL.match(line.strip())
-    if match:
-      name, obj, scope = match.groups()
-      python_name = re.search(r"<(?:function|class) '?([\w.]+)", obj)
-      calls.append((name, python_name.group(1).split(".")[-1]
-                    if python_name else "", scope or ""))
-  return calls
-
-
-def _message(error: BaseException) -> str:
-  """The message without gin's "In call to configurable" lines, on one line."""
-  lines = []
-  for line in str(error).splitlines():
-    if _GIN_CALL.match(line.strip()):
-      break
-    if line.strip():
-      lines.append(line.strip())
-  return " ".join(lines) or type(error).__name__
-
-
-def _raised_in(error: BaseException) -> str:
-  """Name of the function whose own code raised `error`."""
-  tb = error.__traceback__
-  if tb is None:
-    return ""
-  while tb.tb_next is not None:
-    tb = tb.tb_next
-  return tb.tb_frame.f_code.co_name
-
-
-def _is_config_error(error: BaseException) -> bool:
-  """A ValueError/TypeError of a configurable rejecting its (gin) arguments.
-
-  Raised while gin evaluates run_train's arguments, by a training loop's own
-  argument checks, or while the loop builds its estimators (with their task
-  families, data and schedules); not by the training steps that follow.
-  """
-  if not isinstance(error, _CONFIG_ERRORS):
-    return False
-  calls = _gin_calls(error)
-  if not calls:
-    return False
-  names = [name for name, _, _ in calls]
-  name, python_name, _ = calls[0]
-  if name in _TRAINING_LOOPS:
-    return _raised_in(error) == python_name
-  loops = [i for i, n in enumerate(names) if n in _TRAINING_LOOPS]
-  if not loops:
-    return False
-  if names[loops[0]] == "run_train":
-    return True  # evaluating run_train's arguments, before it trains
-  return any(n in _BUILDERS for n in names[:loops[0]])
-
-
-def _binding(key: str) -> Optional[str]:
-  """"KEY = value" if gin has KEY bound, else None.
-
-  run_train moves every binding into scope "default_scope": look there too.
-  """
-  unscoped = key.split("/")[-1]
-  for candidate in (key, f"default_scope/{unscoped}"):
-    try:
-      return f"{unscoped} = {gin.query_parameter(candidate)!r}"
-    except (ValueError, KeyError):
-      continue
-  return None
-
-
-def _describe_config_error(error: BaseException) -> str:
-  """The message, plus the gin bindings of the parameters it names.
-
-  Validators name the parameter first ("HybridRPES.sigma must be > 0, ...",
-  "batch_size must be ..."). Each binding is looked up under the names the
-  message gives and under every configurable gin was calling; without one,
-  the line names the configurable that raised.
-  """
-  message = _message(error)
-  calls = _gin_calls(error)
-  leading = _LEADING_NAME.match(message)
-  names = [leading.group(0)] if leading else []
-  names += [n for n in _LEADING_NAME.findall(message) if "." in n]
-  keys = []
-  for name in names:
-    if "." in name:
-      keys.append(name)
-    parameter = name.split(".")[-1]
-    keys += [f"{scope + '/' if scope else ''}{configurable}.{parameter}"
-             for configurable, _, scope in calls]
-  bindings = []
-  for key in keys:
-    binding = _binding(key)
-    if (binding and binding not in bindings and
-        binding.split(" = ")[0] not in message):
-      bindings.append(binding)
-  if bindings:
-    return f"{message} (gin: {'; '.join(bindings)})"
-  if (leading and "." in leading.group(0)) or calls[0][0] in message:
-    return message
-  return f"{message} (in call to configurable {calls[0][0]})"
 
 
 def _check_flags(argv):
@@ -237,7 +103,7 @@ def _check_flags(argv):
     try:
       importlib.import_module(module)
     except ImportError as e:
-      raise UsageError(f"--gin_import {module}: {_one_line(e)}") from e
+      raise UsageError(f"--gin_import {module}: {config_errors.one_line(e)}") from e
   if FLAGS.heartbeat_timeout_s < 1:
     raise UsageError(f"--heartbeat_timeout_s ({FLAGS.heartbeat_timeout_s}) "
                      "must be >= 1")
@@ -259,7 +125,7 @@ def _join_processes():
     raise distributed.DistributedError(
         f"cannot join the {FLAGS.num_processes or 'detected'} processes at "
         f"{FLAGS.coordinator_address or 'the detected coordinator'}: "
-        f"{_one_line(e)}") from e
+        f"{config_errors.one_line(e)}") from e
 
 
 def _check_resumable(train_log_dir: str):
@@ -342,8 +208,8 @@ def _parse_gin(make_dir: bool = True):
     FLAGS.gin_bindings = lo_api.translate_bindings(FLAGS.gin_bindings or [])
     setup_experiment.setup_experiment(
         gin_finalize=True, gin_skip_unknown=False, make_dir=make_dir)
-  except _GIN_PARSE_ERRORS as e:
-    raise UsageError(f"gin config: {_one_line(e)}") from e
+  except config_errors.PARSE_ERRORS as e:
+    raise UsageError(f"gin config: {config_errors.one_line(e)}") from e
 
 
 # How a collective with a dead peer fails (gloo / NCCL see the connection
@@ -395,16 +261,13 @@ def _run_train():
     try:
       outer_train.run_train(FLAGS.train_log_dir)
     except checkpoints.CheckpointError as e:
-      raise UsageError(_message(e)) from e
-    except RuntimeError as e:
-      # gin raises this before training starts when a parameter is unset.
-      if "Required bindings" in str(e):
-        raise UsageError(f"gin config: {_one_line(e)}") from e
-      raise
-    except _CONFIG_ERRORS as e:
-      if _is_config_error(e):
-        raise UsageError(_describe_config_error(e)) from e
-      raise
+      raise UsageError(e.message) from e
+    except Exception as e:  # pylint: disable=broad-except
+      if not config_errors.is_config_error(e):
+        raise
+      if config_errors.raised_by_gin(e):
+        raise UsageError(f"gin config: {config_errors.one_line(e)}") from e
+      raise UsageError(config_errors.describe(e)) from e
 
 
 def _report(error: UsageError) -> int:
@@ -455,7 +318,7 @@ def _parse_flags(argv):
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+    print(f"error: {config_errors.one_line(e)}", file=sys.stderr, flush=True)
     sys.exit(USAGE_EXIT_CODE)
 
 

@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import gin
 
+from pathology_fix_core import errors
+
 IS_MAIN = importlib.util.find_spec(
     "learned_optimization.outer_trainers.truncated_step") is not None
 API_NAME = "GitHub main" if IS_MAIN else "0.0.1"
@@ -74,18 +76,18 @@ def estimator_inputs(owner: str, first, learned_opt) -> EstimatorInputs:
   if _is_truncated_step(first):
     step = first
     if learned_opt is not None and learned_opt is not step.learned_opt:
-      raise TypeError(
+      raise errors.InvalidArgumentType(
           f"{owner}: got a truncated_step and a different learned_opt; pass "
-          "one or the other")
+          "one or the other", f"{owner}.learned_opt")
     learned_opt = step.learned_opt
     if not isinstance(step, LazyLOptTruncatedStep):
       trunc_sched, num_tasks = step.trunc_sched, step.num_tasks
     first = step.task_family
   if learned_opt is None:
-    raise TypeError(
+    raise errors.InvalidArgumentType(
         f"{owner}.learned_opt is missing: build it as {owner}(task_family, "
         f"learned_opt, ...) (learned_optimization 0.0.1) or "
-        f"{owner}(truncated_step, ...) (GitHub main)")
+        f"{owner}(truncated_step, ...) (GitHub main)", f"{owner}.learned_opt")
   return EstimatorInputs(first, learned_opt, trunc_sched, num_tasks)
 
 
@@ -197,9 +199,10 @@ def maybe_resample_gradient_estimators(
       kwargs["sample_estimators_fn"] = sample_estimators_fn
     kwargs["worker_id"] = worker_id
   elif sample_estimators_fn is not None:
-    raise ValueError(
+    raise errors.InvalidArgument(
         "resumable_local_train.sample_estimators_fn needs learned_optimization "
-        "GitHub main; 0.0.1 always resamples with build_gradient_estimators")
+        "GitHub main; 0.0.1 always resamples with build_gradient_estimators",
+        "sample_estimators_fn")
   return outer_train.maybe_resample_gradient_estimators(
       learned_opt, gradient_estimators, unroll_states, **kwargs)
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from learned_optimization.outer_trainers import gradient_learner
+from pathology_fix_core import errors
 from pathology_fix_core import combine
 from pathology_fix_core import curriculum
 from pathology_fix.meta_gradient import inner_problems
@@ -53,10 +54,11 @@ def _resolve_unroll_length(name: str, unroll_length: Optional[int],
   if trunc_length is None:
     return DEFAULT_UNROLL_LENGTH if unroll_length is None else unroll_length
   if unroll_length is not None and unroll_length != trunc_length:
-    raise ValueError(
+    raise errors.InvalidArgument(
         f"{name}.unroll_length ({unroll_length!r}) and {name}.trunc_length "
         f"({trunc_length!r}) differ: they are the same parameter (LO's "
-        "TruncatedGrad and TruncatedPES spellings); give one")
+        "TruncatedGrad and TruncatedPES spellings); give one",
+        f"{name}.unroll_length", f"{name}.trunc_length")
   return trunc_length
 
 
@@ -229,15 +231,17 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
     elif isinstance(truncation_length, schedules.TruncationLength):
       unroll_length = None  # the schedule replaces it
     else:
-      raise TypeError(
+      raise errors.InvalidArgumentType(
           f"{name}.truncation_length ({truncation_length!r}) must be a "
           "schedules.TruncationLength (e.g. @LinearTruncationCurriculum()) or "
-          "None for unroll_length steps every truncation")
+          "None for unroll_length steps every truncation",
+          f"{name}.truncation_length")
     truncation_length.validate(steps_per_jit)
     if meta_loss_split == "outer_valid" and task_family.datasets is None:
-      raise ValueError(
+      raise errors.InvalidArgument(
           f"{name}.meta_loss_split='outer_valid' needs a task family with "
-          f"datasets; {task_family.name} has none (use 'train')")
+          f"datasets; {task_family.name} has none (use 'train')",
+          f"{name}.meta_loss_split")
     self.merge_options = dict(
         rp_pooling=combine.pooling(rp_variance_pooling,
                                    f"{name}.rp_variance_pooling"),
@@ -397,8 +401,9 @@ class VariationalES(VariationalEstimator):
 def _require_bound(owner: str, **values):
   for name, value in values.items():
     if value is None:
-      raise TypeError(f"{owner}.{name} is missing: bind it in gin, e.g. "
-                      f"VariationalEstimator.{name} = ...")
+      raise errors.InvalidArgumentType(
+          f"{owner}.{name} is missing: bind it in gin, e.g. "
+          f"VariationalEstimator.{name} = ...", f"{owner}.{name}")
 
 
 def _checked_num_samples(owner: str, num_tasks, task_family,
@@ -406,34 +411,39 @@ def _checked_num_samples(owner: str, num_tasks, task_family,
   """num_tasks (samples per outer step), checked once for everything below."""
   if (isinstance(num_tasks, bool) or
       not isinstance(num_tasks, (int, np.integer)) or num_tasks < 2):
-    raise ValueError(
+    raise errors.InvalidArgument(
         f"{owner}.num_tasks ({num_tasks!r}) must be an integer >= 2: the "
-        "per-coordinate variance over samples divides by n - 1")
+        "per-coordinate variance over samples divides by n - 1",
+        f"{owner}.num_tasks")
   num_subsets = getattr(task_family, "num_subsets", 1)
   if num_tasks % num_subsets:
-    raise ValueError(
+    raise errors.InvalidArgument(
         f"{owner}.num_tasks ({num_tasks}) must be a multiple of the task "
         f"family's {num_subsets} class subsets (every_subset_family): "
-        f"sample i reads subset i mod {num_subsets}")
+        f"sample i reads subset i mod {num_subsets}", f"{owner}.num_tasks")
   if num_tasks < min_samples:
-    raise ValueError(
+    raise errors.InvalidArgument(
         f"{owner}.num_tasks ({num_tasks}) must be >= {owner}."
         f"min_finite_samples ({min_samples}): the merge weighs each "
-        "estimator by a variance estimated from its finite samples")
+        "estimator by a variance estimated from its finite samples",
+        f"{owner}.num_tasks", f"{owner}.min_finite_samples")
   devices = jax.device_count()
   if shard_samples and jax.process_count() > 1 and num_tasks % devices:
-    raise ValueError(
+    example = devices * max(1, num_tasks // devices)
+    raise errors.InvalidArgument(
         f"{owner}.num_tasks ({num_tasks}) must be a multiple of the "
         f"{devices} devices of the {jax.process_count()} processes to split "
-        f"the samples across them (e.g. {devices * max(1, num_tasks // devices)})")
+        f"the samples across them (e.g. {example})", f"{owner}.num_tasks")
   return int(num_tasks)
 
 
 def _check_min_finite_samples(name: str, value) -> int:
   if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or
       value < 2):
-    raise ValueError(f"{name}.min_finite_samples ({value!r}) must be an "
-                     "integer >= 2: a variance needs two samples")
+    raise errors.InvalidArgument(
+        f"{name}.min_finite_samples ({value!r}) must be an "
+        "integer >= 2: a variance needs two samples",
+        f"{name}.min_finite_samples")
   return int(value)
 
 

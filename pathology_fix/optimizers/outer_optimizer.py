@@ -11,6 +11,8 @@ from typing import Optional
 import gin
 from learned_optimization.optimizers import base as opt_base
 
+from pathology_fix_core import errors
+
 # Outer learning rate per meta-objective (the estimator's meta_loss_split).
 PAPER_OUTER_LEARNING_RATE = {"train": 3e-3, "outer_valid": 3e-4}
 PAPER_OUTER_BETA1 = 0.5
@@ -28,10 +30,10 @@ def _reject_replaced_bindings():
       value = gin.query_parameter(name)
     except ValueError:
       continue  # not bound
-    raise ValueError(
+    raise errors.InvalidArgument(
         f"{name} = {value!r} is bound, but the outer optimizer is "
         "paper_outer_optimizer, which sets it (beta1 0.5, clip 0.1); bind "
-        "paper_outer_optimizer.learning_rate instead")
+        "paper_outer_optimizer.learning_rate instead", name)
 
 
 @gin.configurable
@@ -59,13 +61,15 @@ def paper_outer_optimizer(learning_rate: Optional[float] = None,
   _reject_replaced_bindings()
   if learning_rate is None:
     if meta_loss_split not in PAPER_OUTER_LEARNING_RATE:
-      raise ValueError(
+      raise errors.InvalidArgument(
           f"paper_outer_optimizer.meta_loss_split={meta_loss_split!r}; allowed:"
-          f" {sorted(PAPER_OUTER_LEARNING_RATE)} (or set learning_rate)")
+          f" {sorted(PAPER_OUTER_LEARNING_RATE)} (or set learning_rate)",
+          "paper_outer_optimizer.meta_loss_split")
     learning_rate = PAPER_OUTER_LEARNING_RATE[meta_loss_split]
   if not learning_rate > 0:
-    raise ValueError(
-        f"paper_outer_optimizer.learning_rate={learning_rate!r}; must be > 0")
+    raise errors.InvalidArgument(
+        f"paper_outer_optimizer.learning_rate={learning_rate!r}; must be > 0",
+        "paper_outer_optimizer.learning_rate")
   return opt_base.GradientClipOptimizer(
       opt_base.Adam(learning_rate=learning_rate, beta1=PAPER_OUTER_BETA1),
       grad_clip=PAPER_OUTER_GRAD_CLIP)

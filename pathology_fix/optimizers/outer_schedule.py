@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from learned_optimization.optimizers import base as opt_base
 import optax
 
+from pathology_fix_core import errors
 from pathology_fix.optimizers import outer_optimizer
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -99,26 +100,33 @@ def check_schedule(learning_rate, schedule, total_steps, warmup_steps,
   """Raises ValueError naming the bad parameter and its allowed values."""
   if not (isinstance(learning_rate, (int, float)) and
           math.isfinite(learning_rate) and learning_rate > 0):
-    raise ValueError(f"{prefix}learning_rate={learning_rate!r}; allowed: a "
-                     "finite float > 0")
+    raise errors.InvalidArgument(
+        f"{prefix}learning_rate={learning_rate!r}; allowed: a "
+        "finite float > 0", f"{prefix}learning_rate")
   if schedule not in SCHEDULES:
-    raise ValueError(f"{prefix}schedule={schedule!r}; allowed: {SCHEDULES}")
+    raise errors.InvalidArgument(
+        f"{prefix}schedule={schedule!r}; allowed: {SCHEDULES}",
+        f"{prefix}schedule")
   if not (_is_int(warmup_steps) and warmup_steps >= 0):
-    raise ValueError(f"{prefix}warmup_steps={warmup_steps!r}; allowed: an "
-                     "integer >= 0")
+    raise errors.InvalidArgument(
+        f"{prefix}warmup_steps={warmup_steps!r}; allowed: an "
+        "integer >= 0", f"{prefix}warmup_steps")
   if schedule != "constant":
     if not (_is_int(total_steps) and total_steps > warmup_steps):
-      raise ValueError(
+      raise errors.InvalidArgument(
           f"{prefix}total_steps={total_steps!r}; allowed: an integer > "
-          f"warmup_steps ({warmup_steps}) for schedule {schedule!r}")
+          f"warmup_steps ({warmup_steps}) for schedule {schedule!r}",
+          f"{prefix}total_steps")
     if not (isinstance(final_fraction, (int, float)) and
             0.0 <= final_fraction <= 1.0):
-      raise ValueError(f"{prefix}final_fraction={final_fraction!r}; allowed: "
-                       "a float in [0, 1]")
+      raise errors.InvalidArgument(
+          f"{prefix}final_fraction={final_fraction!r}; allowed: "
+          "a float in [0, 1]", f"{prefix}final_fraction")
   elif total_steps is not None and not (_is_int(total_steps) and
                                         total_steps >= 1):
-    raise ValueError(f"{prefix}total_steps={total_steps!r}; allowed: None or "
-                     "an integer >= 1")
+    raise errors.InvalidArgument(
+        f"{prefix}total_steps={total_steps!r}; allowed: None or "
+        "an integer >= 1", f"{prefix}total_steps")
 
 
 def _optax_optimizer_class():
@@ -199,10 +207,10 @@ def scheduled_outer_optimizer(learning_rate: Optional[float] = None,
     learning_rate = _bound_paper_learning_rate()
   if learning_rate is None:
     if meta_loss_split not in outer_optimizer.PAPER_OUTER_LEARNING_RATE:
-      raise ValueError(
+      raise errors.InvalidArgument(
           f"{_PREFIX}meta_loss_split={meta_loss_split!r}; allowed: "
           f"{sorted(outer_optimizer.PAPER_OUTER_LEARNING_RATE)} (or set "
-          "learning_rate)")
+          "learning_rate)", f"{_PREFIX}meta_loss_split")
     learning_rate = outer_optimizer.PAPER_OUTER_LEARNING_RATE[meta_loss_split]
   return ScheduledOuterOptimizer(OuterSchedule(
       learning_rate, schedule, total_steps, warmup_steps, final_fraction))

@@ -50,6 +50,10 @@ PRNGKey = jax.Array
 class CheckpointError(RuntimeError):
   """Checkpoints exist in a train_log_dir but none of them can be restored."""
 
+  def __init__(self, message: str):
+    super().__init__(message)
+    self.message = message  # gin appends its call lines to str(error)
+
 
 def _fsync_dir(path: str):
   """Makes a rename in `path` durable (no-op where directories can't be opened)."""

@@ -27,6 +27,7 @@ from learned_optimization.outer_trainers import gradient_learner
 import numpy as onp
 import tqdm
 
+from pathology_fix_core import errors
 from pathology_fix.lo_boundary import lo_api
 from pathology_fix.runtime import checkpoints
 from pathology_fix.runtime import distributed
@@ -40,9 +41,10 @@ def estimator_groups(num_estimators: int,
   if not per_step:
     return [list(range(num_estimators))]
   if not 1 <= per_step <= num_estimators:
-    raise ValueError(
+    raise errors.InvalidArgument(
         f"resumable_local_train.run_num_estimators_per_gradient ({per_step}) "
-        f"must be between 1 and num_estimators ({num_estimators})")
+        f"must be between 1 and num_estimators ({num_estimators})",
+        "resumable_local_train.run_num_estimators_per_gradient")
   cycle = [i % num_estimators
            for i in range(per_step * num_estimators)]  # whole groups repeat
   return [cycle[g:g + per_step] for g in range(0, len(cycle), per_step)]
@@ -123,16 +125,15 @@ def resumable_local_train(
   Returns:
     The outer step reached.
   """
-  overridden = _overridden_binding(
+  _reject_overridden_bindings(
       num_estimators=num_estimators, summary_every_n=summary_every_n,
       num_steps=num_steps, num_seconds=num_seconds,
       stochastic_resample_frequency=stochastic_resample_frequency)
-  if overridden:
-    raise ValueError(overridden)
   if checkpoint_every_n_steps < 1:
-    raise ValueError("checkpoint_every_n_steps must be >= 1")
+    raise errors.InvalidArgument(
+        "checkpoint_every_n_steps must be >= 1", "checkpoint_every_n_steps")
   if keep < 1:
-    raise ValueError("keep must be >= 1")
+    raise errors.InvalidArgument("keep must be >= 1", "keep")
   groups = estimator_groups(num_estimators, run_num_estimators_per_gradient)
   os.makedirs(train_log_dir, exist_ok=True)
   seed = _resolve_seed(seed)
@@ -187,8 +188,8 @@ def resumable_local_train(
   return progress.step
 
 
-def _overridden_binding(**received) -> Optional[str]:
-  """Why a `resumable_local_train.<name>` binding was overridden, or None.
+def _reject_overridden_bindings(**received):
+  """Raises for a `resumable_local_train.<name>` binding the caller overrides.
 
   LO's run_train passes these arguments explicitly (its own defaults), and
   an explicit argument beats a gin binding: such a binding would be silently
@@ -197,10 +198,10 @@ def _overridden_binding(**received) -> Optional[str]:
   bound = gin.get_bindings("resumable_local_train")
   for name, value in received.items():
     if name in bound and bound[name] != value:
-      return (f"resumable_local_train.{name} = {bound[name]!r} is overridden "
-              f"by the caller's {name}={value!r} (LO's run_train passes it): "
-              f"bind run_train.{name} instead")
-  return None
+      raise errors.InvalidArgument(
+          f"resumable_local_train.{name} = {bound[name]!r} is overridden by "
+          f"the caller's {name}={value!r} (LO's run_train passes it): bind "
+          f"run_train.{name} instead", f"resumable_local_train.{name}")
 
 
 def _start(train_log_dir, outer_learner, keep, init_key, seed: int,

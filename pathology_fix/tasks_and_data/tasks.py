@@ -56,6 +56,7 @@ from learned_optimization.tasks.fixed import conv
 from learned_optimization.tasks.fixed import image_mlp
 import numpy as np
 
+from pathology_fix_core import errors
 from pathology_fix.meta_gradient import batches
 from pathology_fix.tasks_and_data import data
 
@@ -114,8 +115,10 @@ class ConvPoolTask(conv._ConvTask):  # pylint: disable=protected-access
                activation: Callable[[jax.Array], jax.Array] = jax.nn.relu,
                name: Optional[str] = None):
     if len(channels) != len(strides) or not channels:
-      raise ValueError("channels and strides must be non-empty and of equal "
-                       f"length, got {tuple(channels)} and {tuple(strides)}")
+      raise errors.InvalidArgument(
+          "channels and strides must be non-empty and of equal "
+          f"length, got {tuple(channels)} and {tuple(strides)}",
+          "ConvPoolTask.channels", "ConvPoolTask.strides")
     num_classes = datasets.extra_info["num_classes"]
     super().__init__(
         _conv_pool_loss_fn(tuple(channels), tuple(strides), kernel_size,
@@ -152,8 +155,10 @@ class MLPTask(image_mlp._MLPImageTask):  # pylint: disable=protected-access
 
 def _check_architecture(architecture: str, prefix: str = ""):
   if architecture not in ARCHITECTURES:
-    raise ValueError(f"{prefix}architecture must be one of "
-                     f"{tuple(ARCHITECTURES)}, got {architecture!r}")
+    raise errors.InvalidArgument(
+        f"{prefix}architecture must be one of "
+        f"{tuple(ARCHITECTURES)}, got {architecture!r}",
+        f"{prefix}architecture")
 
 
 def default_image_size(architecture: str) -> int:
@@ -174,8 +179,9 @@ def make_task(architecture: str, datasets: data.OfflineImageDatasets,
 
 def _dataset_fn(dataset: str, prefix: str = ""):
   if dataset not in data.DATASET_FNS:
-    raise ValueError(f"{prefix}dataset must be one of "
-                     f"{tuple(data.DATASET_FNS)}, got {dataset!r}")
+    raise errors.InvalidArgument(
+        f"{prefix}dataset must be one of "
+        f"{tuple(data.DATASET_FNS)}, got {dataset!r}", f"{prefix}dataset")
   return data.DATASET_FNS[dataset]
 
 
@@ -281,9 +287,10 @@ def _resolve_pool(classes_pool: Union[str, Sequence[int]],
                   prefix: str = "") -> Tuple[int, ...]:
   if isinstance(classes_pool, str):
     if classes_pool not in CLASS_POOLS:
-      raise ValueError(f"{prefix}classes_pool must be one of "
-                       f"{tuple(CLASS_POOLS)} or a sequence of class ids, got "
-                       f"{classes_pool!r}")
+      raise errors.InvalidArgument(
+          f"{prefix}classes_pool must be one of "
+          f"{tuple(CLASS_POOLS)} or a sequence of class ids, got "
+          f"{classes_pool!r}", f"{prefix}classes_pool")
     return CLASS_POOLS[classes_pool]
   return tuple(int(c) for c in classes_pool)
 
@@ -291,9 +298,10 @@ def _resolve_pool(classes_pool: Union[str, Sequence[int]],
 def _check_num_classes(num_classes_per_task: int, pool: Tuple[int, ...],
                        prefix: str = ""):
   if not 2 <= num_classes_per_task <= len(pool):
-    raise ValueError(f"{prefix}num_classes_per_task must be in "
-                     f"[2, {len(pool)}] for pool {pool}, got "
-                     f"{num_classes_per_task!r}")
+    raise errors.InvalidArgument(
+        f"{prefix}num_classes_per_task must be in "
+        f"[2, {len(pool)}] for pool {pool}, got "
+        f"{num_classes_per_task!r}", f"{prefix}num_classes_per_task")
 
 
 def draw_classes(classes_pool: Union[str, Sequence[int]],
