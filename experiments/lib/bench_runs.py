@@ -2,11 +2,10 @@
 
 Families, estimators, the runner that times one library outer step
 (`pathology_fix.runtime.outer_loop.outer_step`, blocked on the new theta and inner
-states), CPU/GPU peak memory, and the spawn-process plumbing.
+states), CPU/GPU peak memory. The spawn-process plumbing is `bench_child`.
 """
 
 import ctypes
-import multiprocessing
 import os
 import statistics
 import time
@@ -357,38 +356,3 @@ def _hybrid_breakdown(est, weights, state, k, repeats):
       times.append(time.perf_counter() - t)
     out[label] = statistics.median(times[1:])  # first may compile the ES path
   return out
-
-
-def _child(cfg, queue):
-  try:
-    if cfg["kind"] == "profile":
-      from experiments.lib import bench_profile  # pylint: disable=g-import-not-at-top
-      fn = bench_profile.run_profile
-    else:
-      fn = {"memory": run_memory, "group": run_group}[cfg["kind"]]
-    queue.put(("ok", fn(cfg)))
-  except BaseException as e:  # pylint: disable=broad-except
-    import traceback  # pylint: disable=g-import-not-at-top
-    queue.put(("error", f"{e!r}\n{traceback.format_exc()}"))
-
-
-def run_in_child(cfg: Dict[str, Any], timeout_s: float) -> Any:
-  ctx = multiprocessing.get_context("spawn")
-  queue = ctx.Queue()
-  proc = ctx.Process(target=_child, args=(cfg, queue))
-  proc.start()
-  try:
-    status, payload = queue.get(timeout=timeout_s)
-  except Exception:  # pylint: disable=broad-except
-    status, payload = "error", f"no result within {timeout_s:.0f} s"
-  proc.join(timeout=30)
-  if proc.is_alive():
-    proc.kill()
-    proc.join()
-  if status == "ok":
-    return payload
-  return dict(error=payload.splitlines()[0] if payload else "?",
-              error_detail=payload)
-
-
-# Parent: configurations, tables.
