@@ -177,6 +177,23 @@ def test_importing_the_package_loads_no_runtime_and_applies_compat():
   assert out.splitlines()[-1] == "[] True"
 
 
+def test_old_module_paths_give_the_moved_modules():
+  code = (
+      "import importlib, gin, pathology_fix\n"
+      "from pathology_fix import old_module_paths\n"
+      "same = all(importlib.import_module(old) is importlib.import_module(new)\n"
+      "           for old, new in old_module_paths.MOVED.items())\n"
+      "gin.parse_config('import pathology_fix.tasks\\n'\n"
+      "                 'import pathology_fix.progress_lopt\\n'\n"
+      "                 'ProgressAdam.initial_learning_rate = 0.1')\n"
+      "from pathology_fix import estimators, train\n"
+      "print(same, estimators.HybridRPES.__module__, train.execute.__module__)\n")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
+                       capture_output=True, text=True).stdout.strip()
+  assert out.splitlines()[-1] == (
+      "True pathology_fix.meta_gradient.estimators pathology_fix.cli.train")
+
+
 def _cycles(graph):
   """Strongly connected components with more than one module (Tarjan)."""
   index, low, stack, on_stack, found = {}, {}, [], set(), []
