@@ -21,7 +21,7 @@ paper's outer update of theta) and times the estimate within each
 
 with MLPLOpt, steps_per_jit = 10, and an inner run long enough that no inner
 problem resets during the measurement. Tasks: LO's FixedDimQuadraticFamily(10)
-and the paper's 3-layer CNN (`pathology_fix.tasks.FashionMnistClassSubsetFamily`
+and the paper's 3-layer CNN (`pathology_fix.tasks_and_data.tasks.FashionMnistClassSubsetFamily`
 with architecture "conv3"; image size and batch are flags).
 
 The estimators of one (task, k, n) run in one fresh process (multiprocessing

@@ -7,7 +7,7 @@ One outer step of HybridRPES (validation meta-objective, 3-class digits
 mlp2x32 tasks, batch 32, truncations of 10 steps, paper outer optimizer),
 for n = 8, 16, 32 samples, run by one process (one device) and by
 --processes local processes (one device each, gloo collectives over
-127.0.0.1, the samples split between them: `pathology_fix.distributed`).
+127.0.0.1, the samples split between them: `pathology_fix.runtime.distributed`).
 Each configuration compiles and runs one warm-up step, then times --steps
 outer steps; reported is the median step time, and the ratio
 t(P processes) / t(1 process) in one run. The processes share this

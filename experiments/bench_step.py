@@ -3,14 +3,14 @@ r"""Inner-step speed of learned optimizers vs Adam, inside a jitted scan.
   python -m experiments.bench_step [--quick] [--tasks conv3,mlp2x32]
                                    [--steps 300] [--repeats 7] [--out DIR]
 
-For each task (the paper's conv3 and mlp2x32 from `pathology_fix.tasks`, on
+For each task (the paper's conv3 and mlp2x32 from `pathology_fix.tasks_and_data.tasks`, on
 8px Fashion-MNIST, batch 64, all 10 classes) and each optimizer
 
   Adam           LO's `optimizers.base.Adam(1e-3)`
   MLPLOpt        LO, defaults (2 hidden layers of 32, 19 features)
   AdafacMLPLOpt  LO, defaults
   NNAdam         LO, defaults
-  PaperMLPLOpt   `pathology_fix.paper_lopt` (1 hidden layer of 32, 31 features)
+  PaperMLPLOpt   `pathology_fix.optimizers.paper_lopt` (1 hidden layer of 32, 31 features)
 
 one jitted function runs `--steps` inner training steps (loss, gradient,
 optimizer update) in a `lax.scan` over pre-stacked batches, theta passed as

@@ -250,7 +250,7 @@ TV / slope sign changes:
 
 Plots: `slices.png` (the slices, one colour per T), `roughness_vs_T.png`.
 
-## Paper's expectation (METHOD.md section 1): slices get rougher with unroll length
+## Paper's expectation (docs/method.md §2): slices get rougher with unroll length
 
 - {held}: both TV and slope sign changes are larger at T = {last} than at
   T = {first} in {n_grow} of {len(verdicts)} (centre, direction) slices; TV

@@ -306,7 +306,7 @@ mean of the last 5 learned lrs.
 Plot: `learning_rate_trajectories.png` (left: lr against outer step with the
 grid optimum as a dashed line; right: the grid and the settled learned lrs).
 
-## Paper's expectation (METHOD.md section 1): short truncations drive the lr down, long ones recover the optimum
+## Paper's expectation (docs/method.md §2): short truncations drive the lr down, long ones recover the optimum
 
 - {held}: the settled lr is below the optimum {best_avg:.3g} for K =
   {below or 'none'} of the short truncations {short}, ordered by K:

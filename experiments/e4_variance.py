@@ -291,7 +291,7 @@ HybridRPES outer steps ({TRAIN_TRUNCATION}-step truncations,
 
 Plot: `variance_vs_length.png` (log-log).
 
-## Paper's expectation (METHOD.md section 4): RP variance explodes with length, ES stays flat, the hybrid is at or below the lower of the two
+## Paper's expectation (docs/method.md §5): RP variance explodes with length, ES stays flat, the hybrid is at or below the lower of the two
 
 {chr(10).join(held_lines)}
 

@@ -1,4 +1,4 @@
-r"""E7: which gradient estimator, for which budget (issue 13).
+r"""E7: which gradient estimator, for which budget.
 
   python -m experiments.e7_estimator_study [--quick] [--out DIR] [--seed S]
 

@@ -36,7 +36,7 @@ RECIPES = {
             "with HybridRPES for a few CPU-minutes on gin_configs/demo.gin's "
             "tasks (mlp2x32, 8x8 Fashion-MNIST, 3-class subsets of classes "
             "0-4, validation meta-objective, 300-step inner runs), with a "
-            "longer run and curriculum than the demo. NOT issue 12's target "
+            "longer run and curriculum than the demo. NOT the headline's target "
             "optimizer (>= 90% wins over tuned baselines): see `heldout`."),
         config="gin_configs/demo.gin",
         learned_optimizer="MLPLOpt",
@@ -46,7 +46,7 @@ RECIPES = {
         quick=dict(outer_steps=3, heldout_tasks=2, heldout_steps=50)),
     "nnadam_fmnist8": dict(
         description=(
-            "Issue 12's recipe: LO's NNAdam (Adam with per-tensor "
+            "The headline recipe: LO's NNAdam (Adam with per-tensor "
             "hyperparameters moved by an LSTM; starts as Adam(1e-2)) "
             "meta-trained with HybridRPES for at most 60 minutes on every "
             "3-class subset of Fashion-MNIST classes 0-4 (mlp2x32, 8x8, "

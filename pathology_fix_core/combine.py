@@ -1,6 +1,6 @@
 """The merge of RP and ES gradient samples: per coordinate, by inverse variance.
 
-The paper (Metz et al. 2019, Sec. 4.3; `docs/method.md`) weighs the mean of
+The paper (Metz et al. 2019, Sec. 4.3; `docs/method.md` §5) weighs the mean of
 each estimator by the inverse of its variance. Over the FINITE samples of each
 estimator (``c_rp`` and ``c_es`` of them), per coordinate of theta:
 

@@ -1,4 +1,4 @@
-"""Truncation-length curriculum (Metz et al. 2019, Sec. 4.4).
+"""Truncation-length curriculum (the paper, Sec. 4.4; docs/method.md §6).
 
 The number of inner steps per truncation grows linearly over outer training,
 

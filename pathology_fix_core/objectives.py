@@ -2,7 +2,8 @@
 
 The released code of Metz et al. (2019) clips every inner step's loss at 10
 before averaging over the unrolled steps, so one diverging step cannot
-dominate the outer objective (and has zero gradient once clipped).
+dominate the outer objective (and has zero gradient once clipped); the paper,
+Sec. 5; docs/method.md §7.
 """
 
 import math

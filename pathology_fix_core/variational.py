@@ -1,6 +1,6 @@
 """Gaussian-smoothed (variational) outer objective: perturbations and samples.
 
-The smoothed outer objective (Metz et al. 2019, Sec. 3 of the paper) is
+The smoothed outer objective (the paper, Sec. 4.1; docs/method.md §3-§4) is
 
   L~(theta) = E_{eps ~ N(0, sigma^2 I)} [ L(theta + eps) ].
 

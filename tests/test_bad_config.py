@@ -1,4 +1,4 @@
-"""Bad configurations of `python -m pathology_fix.train` (issue 9.6).
+"""Bad configurations of `python -m pathology_fix.train` .
 
 Each case must print exactly one stderr line, `error: ...`, naming the
 parameter and its bad value, exit with status 2, and leave the run directory

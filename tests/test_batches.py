@@ -1,4 +1,4 @@
-"""Skipped batches keep streams in step; a block read is a slice (issue 14).
+"""Skipped batches keep streams in step; a block read is a slice.
 
 A process of a multi-process run reads only its own samples' batches
 (`batches.get_batches`) and skips the others'; its stream must stay exactly

@@ -141,7 +141,7 @@ def test_bad_jitter_names_it():
       cur.check_jitter(bad, prefix="C.")
 
 
-# --- how the estimators take a schedule (issue 9.5, 11) ----------------------
+# --- how the estimators take a schedule --------------------------------------
 
 
 def _estimator(**kwargs):

@@ -1,4 +1,4 @@
-"""pathology_fix.data: offline Fashion-MNIST / digits as LO Datasets."""
+"""pathology_fix.tasks_and_data.data: offline Fashion-MNIST / digits as LO Datasets."""
 
 import hashlib
 import os

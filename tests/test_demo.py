@@ -1,4 +1,4 @@
-"""`python -m pathology_fix.demo` (the README's main job), shortened to 3 steps."""
+"""`python -m pathology_fix.demo` (`./run.sh demo`), shortened to 3 steps."""
 
 import json
 import math

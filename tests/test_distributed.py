@@ -1,4 +1,4 @@
-"""One run over two processes (jax.distributed, gloo on 127.0.0.1) (issue 14).
+"""One run over two processes (jax.distributed, gloo on 127.0.0.1).
 
 The same-answer test runs `tests/distributed_worker.py` (HybridRPES, the
 validation meta-objective, digits MLP tasks): 2 processes x 1 device must

@@ -215,7 +215,7 @@ def test_next_state_continues_from_positive_branch_and_resets_at_the_end():
       assert np.max(np.abs(other - plus) / np.abs(plus)) > 1e-2
 
   # Second truncation: clipped to the 10 steps left, with a FRESH eps
-  # (issue 9.4: one eps per truncation, not per inner run).
+  # (one eps per truncation, not per inner run).
   out, metrics = est.compute_gradient_estimate(weights, keys[1],
                                                out.unroll_state)
   assert float(metrics["mean||truncation_length"]) == 10

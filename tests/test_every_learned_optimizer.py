@@ -1,6 +1,6 @@
 """Every learned optimizer LO ships, and ours, x our estimators: one outer step.
 
-Issue 9.8: theta may hold namedtuples (haiku's LSTMState in NNAdam), haiku
+theta may hold namedtuples (haiku's LSTMState in NNAdam), haiku
 FlatMaps (RNNMLPLOpt), frozen dicts and scalars; the gradient must come back
 with exactly theta's pytree structure, or LO's learner cannot add it up.
 Both lists are discovered, so a learned optimizer or an estimator added later

@@ -284,7 +284,7 @@ def test_pretrain_quick_writes_a_loadable_optimizer(tmp_path):
 
 @every_shipped
 def test_shipped_optimizer_beats_adam_1e3_on_two_heldout_tasks(name):
-  """Issue 12's regression check: 2 new held-out tasks, 300 steps, test loss.
+  """The headline optimizer's regression check: 2 new held-out tasks, 300 steps, test loss.
 
   The record's first two held-out class subsets (its seed), with fresh
   inits; against LO's own Adam(1e-3), same data and keys.

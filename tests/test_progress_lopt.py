@@ -1,7 +1,7 @@
 """ProgressAdam: Adam with a learned learning-rate schedule over t / T.
 
 The update is checked against a numpy implementation written from the
-formulas in `pathology_fix/progress_lopt.py`'s docstring, its initial theta
+formulas in `pathology_fix/optimizers/progress_lopt.py`'s docstring, its initial theta
 against LO's own Adam, and every estimator (ours and LO's) against the
 gradient of the meta-loss computed by differentiating a direct unroll.
 """

@@ -1,4 +1,4 @@
-"""pathology_fix.tasks: the paper's networks and class-subset task families."""
+"""pathology_fix.tasks_and_data.tasks: the paper's networks and class-subset task families."""
 
 import os
 

@@ -1,4 +1,4 @@
-"""Issue 12's headline: a shipped learned optimizer against tuned baselines.
+"""The headline: a shipped learned optimizer against tuned baselines.
 
 E5's evaluation (`evaluate`): the held-out tasks (every 3-class subset of
 Fashion-MNIST classes 5-9 and 3-class subsets of scikit-learn's digits,

@@ -1,4 +1,4 @@
-"""E5 --pretrained NAME: issue 12's headline table for a shipped optimizer.
+"""E5 --pretrained NAME: the headline table for a shipped optimizer.
 
 Judges the shipped theta and its meta-training snapshots (record.json's
 `snapshots`, files under <name>/snapshots/) on E5's 16 held-out tasks, and

@@ -65,7 +65,7 @@ def meta_train(estimator_cls, family, *, num_tasks: int, inner_steps: int,
   Stops after `max_outer_steps`, or once every sample has unrolled
   `inner_step_budget` inner steps (equal-compute ablations). Outer optimizer:
   the paper's, Adam(beta1 = 0.5) on gradients clipped by value at 0.1
-  (METHOD.md sec. 5), at learning rate `outer_lr`.
+  (`docs/method.md` §8), at learning rate `outer_lr`.
 
   `unroller`: an AntitheticUnroller to reuse (same family, split, n): its
   compiled chunk functions are then shared, which saves ~30 s per run here.

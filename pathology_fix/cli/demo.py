@@ -1,4 +1,4 @@
-"""The README's main job: a short offline meta-training run, then a plot.
+"""`./run.sh demo`: a short offline meta-training run, a held-out check, a plot.
 
   python -m pathology_fix.demo [--train_log_dir runs/demo] [--num_steps N]
 
@@ -7,8 +7,8 @@ validation meta-objective, 3-class Fashion-MNIST MLP tasks on classes 0-4).
 Then a held-out check: the starting theta (params_0), the trained one, Adam at
 1e-3 and Adam tuned per task over 11 log-spaced rates (1e-4..10, picked on
 each task's validation loss) each train new tasks on the held-out classes 5-9
-from scratch, with the same data and keys (`evaluation.meta_test`). Writes heldout_eval.json and meta_loss.png
-beside the run's logs. Rerunning resumes from the last checkpoint; pass a
+from scratch, with the same data and keys (`evaluation.meta_test`). Writes
+heldout_eval.json and meta_loss.png beside the run's logs. Rerunning resumes from the last checkpoint; pass a
 larger --num_steps to train on.
 """
 

@@ -1,4 +1,4 @@
-r"""The paper's per-parameter MLP learned optimizer (Metz et al. 2019, sec. 4).
+r"""The paper's per-parameter MLP learned optimizer (Sec. 5; docs/method.md §9).
 
 For every parameter w of every tensor, with gradient g, at inner step t:
 

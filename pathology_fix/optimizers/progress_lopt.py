@@ -9,7 +9,7 @@ run of T steps, p_t = clip(t / T, 0, 1). T is the `num_steps` that LO's
 versions' truncated steps, our estimators' inner problems, the evaluation
 loop and `pretrained.lopt_to_optax` pass the inner run's length there); it is
 kept in the optimizer state. The constructor's `num_steps` is the fallback
-for callers that pass none. (The paper's MLP optimizer, sec. 4 and
+for callers that pass none. (The paper's MLP optimizer, docs/method.md §9 and
 `paper_lopt.py`, sees only the absolute step, through tanh(t / eta - 1).)
 An estimator's `random_initial_iteration_offset` moves only the estimator's
 own step count, so a sample's first, staggered run starts here at t = 0 and

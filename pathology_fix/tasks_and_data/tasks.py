@@ -3,7 +3,7 @@
 Metz et al. (2019) meta-train on 10-way 32x32 ImageNet class subsets (700
 meta-training / 300 held-out classes) with a 3-layer CNN, and evaluate on
 MLPs and a 6-layer CNN on MNIST. Offline, this module uses Fashion-MNIST and
-scikit-learn's digits (`pathology_fix.data`) instead:
+scikit-learn's digits (`data.py` here) instead:
 
 | role                | data                                  | networks |
 |---------------------|---------------------------------------|----------|

@@ -15,7 +15,7 @@ family makes LO's estimators optimize the same objective:
   (train, inner_valid, test) it is the task's own loss, so inner training is
   unchanged.
 
-For tasks with the identity normalizer (all of `pathology_fix.tasks`) this is
+For tasks with the identity normalizer (all of `tasks.py` here) this is
 exactly what our estimators compute with the same `meta_loss_evals` and
 `max_loss`; otherwise LO normalizes the clipped mean while ours clip the
 normalized losses. Use it with LO's `train_and_meta=True` (GitHub main:
