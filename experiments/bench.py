@@ -21,7 +21,7 @@ paper's outer update of theta) and times the estimate within each
 
 with MLPLOpt, steps_per_jit = 10, and an inner run long enough that no inner
 problem resets during the measurement. Tasks: LO's FixedDimQuadraticFamily(10)
-and the paper's 3-layer CNN (`pathology_fix.tasks.FashionMnistClassSubsetFamily`
+and the paper's 3-layer CNN (`pathology_fix.tasks_and_data.tasks.FashionMnistClassSubsetFamily`
 with architecture "conv3"; image size and batch are flags).
 
 The estimators of one (task, k, n) run in one fresh process (multiprocessing
@@ -34,7 +34,7 @@ cache, so only the first process of each shape pays full compile time.
 --profile adds a part-by-part timing of one HybridRPES chunk with XLA's cost
 estimates. The parent prints the Markdown table and, with --out FILE,
 writes FILE.md and FILE.json. The children's code is in experiments/lib/
-(bench_runs, bench_profile, bench_report).
+(bench_child, bench_runs, bench_profile, bench_report).
 """
 
 import argparse
@@ -48,7 +48,7 @@ from typing import Any, Dict, List
 
 from experiments.lib.bench_report import add_ratios, markdown, profile_markdown
 from experiments.lib.bench_runs import DEFAULT_CACHE_DIR, ESTIMATORS
-from experiments.lib.bench_runs import run_in_child
+from experiments.lib.bench_child import run_in_child
 
 # name -> settings. task_lengths / task_samples override lengths / samples.
 PRESETS = {

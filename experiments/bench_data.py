@@ -17,9 +17,9 @@ import jax
 from experiments.lib import common
 from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.outer_trainers import truncation_schedule
-from pathology_fix import estimators
+from pathology_fix.meta_gradient import estimators
 from pathology_fix.runtime import outer_loop
-from pathology_fix import tasks
+from pathology_fix.tasks_and_data import tasks
 
 NAME = "bench_data"
 # (architecture, image size, batch size, n, k, meta_loss_evals): the cheapest

@@ -7,7 +7,7 @@ One outer step of HybridRPES (validation meta-objective, 3-class digits
 mlp2x32 tasks, batch 32, truncations of 10 steps, paper outer optimizer),
 for n = 8, 16, 32 samples, run by one process (one device) and by
 --processes local processes (one device each, gloo collectives over
-127.0.0.1, the samples split between them: `pathology_fix.distributed`).
+127.0.0.1, the samples split between them: `pathology_fix.runtime.distributed`).
 Each configuration compiles and runs one warm-up step, then times --steps
 outer steps; reported is the median step time, and the ratio
 t(P processes) / t(1 process) in one run. The processes share this
@@ -60,9 +60,9 @@ def _time_steps(num_samples: int, steps: int, seed: int) -> dict:
   """Median wall time of `steps` outer steps after one warm-up step."""
   import jax  # pylint: disable=g-import-not-at-top
   from learned_optimization.outer_trainers import truncation_schedule  # pylint: disable=g-import-not-at-top
-  from pathology_fix import estimators  # pylint: disable=g-import-not-at-top
-  from pathology_fix import paper_lopt  # pylint: disable=g-import-not-at-top
-  from pathology_fix import tasks  # pylint: disable=g-import-not-at-top
+  from pathology_fix.meta_gradient import estimators  # pylint: disable=g-import-not-at-top
+  from pathology_fix.optimizers import paper_lopt  # pylint: disable=g-import-not-at-top
+  from pathology_fix.tasks_and_data import tasks  # pylint: disable=g-import-not-at-top
   from pathology_fix.runtime import outer_loop  # pylint: disable=g-import-not-at-top
 
   family = tasks.DigitsClassSubsetFamily(
@@ -87,11 +87,11 @@ def _time_steps(num_samples: int, steps: int, seed: int) -> dict:
   return {"n": num_samples, "warmup_s": times[0],
           "median_step_s": statistics.median(times[1:]),
           "median_step_cpu_s": statistics.median(cpu_times[1:]),
-          "split": est.unroller.sharding.active}
+          "split": est.sharding.active}
 
 
 def _worker(args):
-  from pathology_fix import distributed  # pylint: disable=g-import-not-at-top
+  from pathology_fix.runtime import distributed  # pylint: disable=g-import-not-at-top
   if args.coordinator:
     distributed.initialize(args.coordinator, args.processes, args.process_id)
   rows = [_time_steps(n, args.steps, args.seed) for n in args.samples]

@@ -3,14 +3,14 @@ r"""Inner-step speed of learned optimizers vs Adam, inside a jitted scan.
   python -m experiments.bench_step [--quick] [--tasks conv3,mlp2x32]
                                    [--steps 300] [--repeats 7] [--out DIR]
 
-For each task (the paper's conv3 and mlp2x32 from `pathology_fix.tasks`, on
+For each task (the paper's conv3 and mlp2x32 from `pathology_fix.tasks_and_data.tasks`, on
 8px Fashion-MNIST, batch 64, all 10 classes) and each optimizer
 
   Adam           LO's `optimizers.base.Adam(1e-3)`
   MLPLOpt        LO, defaults (2 hidden layers of 32, 19 features)
   AdafacMLPLOpt  LO, defaults
   NNAdam         LO, defaults
-  PaperMLPLOpt   `pathology_fix.paper_lopt` (1 hidden layer of 32, 31 features)
+  PaperMLPLOpt   `pathology_fix.optimizers.paper_lopt` (1 hidden layer of 32, 31 features)
 
 one jitted function runs `--steps` inner training steps (loss, gradient,
 optimizer update) in a `lax.scan` over pre-stacked batches, theta passed as
@@ -52,8 +52,8 @@ from learned_optimization.learned_optimizers import adafac_mlp_lopt  # pylint: d
 from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.learned_optimizers import nn_adam
 from learned_optimization.optimizers import base as opt_base
-from pathology_fix import paper_lopt
-from pathology_fix import tasks
+from pathology_fix.optimizers import paper_lopt
+from pathology_fix.tasks_and_data import tasks
 
 DEFAULT_OUT = pathlib.Path(__file__).parent / "results" / "bench_step"
 BASELINE = "Adam"

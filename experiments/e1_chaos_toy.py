@@ -1,4 +1,4 @@
-"""E1: the 1-D toy of METHOD.md section 1 -- the meta-loss gets chaotic with T.
+"""E1: the 1-D toy of the paper, Sec. 3 (docs/method.md §2): the meta-loss gets chaotic with T.
 
 Inner problem: l(w) = (w - 4)(w - 3) w^2 from w0 = -1.2 (local minimum at
 w = 0 with l = 0, global minimum at w ~ 3.57 with l ~ -3.12). Inner optimizer:
@@ -217,7 +217,7 @@ Plots: `final_loss_vs_momentum.png` (one panel per T), `roughness_vs_T.png`
 (the measures against T for every stable learning rate of the grid;
 `results.json` also has the diverging one).
 
-## Paper's expectation (METHOD.md section 1): smooth for few steps, near-discontinuous for many
+## Paper's expectation (docs/method.md §2): smooth for few steps, near-discontinuous for many
 
 - {held}: the number of near-discontinuities goes {' -> '.join(map(str, disc))}
   over T = {list(lengths)} (monotone at every stable learning rate:

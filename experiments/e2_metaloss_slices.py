@@ -31,8 +31,8 @@ from experiments.lib import common
 from experiments.lib.roughness import roughness
 from experiments.lib.roughness import save_roughness_vs_length
 from learned_optimization.learned_optimizers import mlp_lopt
-from pathology_fix import data
-from pathology_fix import tasks
+from pathology_fix.tasks_and_data import data
+from pathology_fix.tasks_and_data import tasks
 
 NAME = "e2_metaloss_slices"
 LENGTHS = (5, 10, 20, 50)
@@ -250,7 +250,7 @@ TV / slope sign changes:
 
 Plots: `slices.png` (the slices, one colour per T), `roughness_vs_T.png`.
 
-## Paper's expectation (METHOD.md section 1): slices get rougher with unroll length
+## Paper's expectation (docs/method.md §2): slices get rougher with unroll length
 
 - {held}: both TV and slope sign changes are larger at T = {last} than at
   T = {first} in {n_grow} of {len(verdicts)} (centre, direction) slices; TV

@@ -33,11 +33,11 @@ from learned_optimization.learned_optimizers import base as lopt_base
 from learned_optimization.optimizers import base as opt_base
 from learned_optimization.outer_trainers import gradient_learner
 from learned_optimization.outer_trainers import truncation_schedule
-from pathology_fix import estimators
+from pathology_fix.meta_gradient import estimators
 from pathology_fix.runtime import evaluation
 from pathology_fix.runtime import outer_loop
-from pathology_fix import schedules
-from pathology_fix import tasks
+from pathology_fix.meta_gradient import schedules
+from pathology_fix.tasks_and_data import tasks
 
 NAME = "e3_truncation_bias"
 START_LR = 1e-3  # the paper's start
@@ -306,7 +306,7 @@ mean of the last 5 learned lrs.
 Plot: `learning_rate_trajectories.png` (left: lr against outer step with the
 grid optimum as a dashed line; right: the grid and the settled learned lrs).
 
-## Paper's expectation (METHOD.md section 1): short truncations drive the lr down, long ones recover the optimum
+## Paper's expectation (docs/method.md §2): short truncations drive the lr down, long ones recover the optimum
 
 - {held}: the settled lr is below the optimum {best_avg:.3g} for K =
   {below or 'none'} of the short truncations {short}, ordered by K:

@@ -32,9 +32,10 @@ from experiments.lib import common
 from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.outer_trainers import gradient_learner
 from learned_optimization.outer_trainers import truncation_schedule
-from pathology_fix import estimators
+from pathology_fix.meta_gradient import estimators
+from pathology_fix.optimizers import outer_optimizer
 from pathology_fix.runtime import outer_loop
-from pathology_fix import tasks
+from pathology_fix.tasks_and_data import tasks
 
 NAME = "e4_variance"
 SIGMA = 0.1  # the paper's smoothing scale
@@ -77,7 +78,7 @@ def train_theta(estimator, lopt, num_steps, seed):
   theta and the meta-losses.
   """
   learner = outer_loop.learner(
-      lopt, outer_loop.paper_outer_optimizer(OUTER_LR))
+      lopt, outer_optimizer.paper_outer_optimizer(OUTER_LR))
   state = learner.init(jax.random.PRNGKey(seed))
   losses = []
   steps = outer_loop.run(learner, [estimator], state, num_steps,
@@ -92,7 +93,7 @@ def train_theta(estimator, lopt, num_steps, seed):
 def measure(estimator, theta, start_state, lengths, num_draws, seed, label):
   """Per-coordinate variance over draws of the three estimates, per length."""
   unroller = estimator.unroller
-  n = estimator.num_tasks
+  n = estimator.num_samples
   results = {}
   jobs = [(length, r) for length in lengths for r in range(num_draws)]
   draws = {length: {m: [] for m in estimators.MERGES} for length in lengths}
@@ -290,7 +291,7 @@ HybridRPES outer steps ({TRAIN_TRUNCATION}-step truncations,
 
 Plot: `variance_vs_length.png` (log-log).
 
-## Paper's expectation (METHOD.md section 4): RP variance explodes with length, ES stays flat, the hybrid is at or below the lower of the two
+## Paper's expectation (docs/method.md §5): RP variance explodes with length, ES stays flat, the hybrid is at or below the lower of the two
 
 {chr(10).join(held_lines)}
 

@@ -3,7 +3,7 @@ r"""E5: the paper's Fig. 1 (headline result) at a CPU budget.
   python -m experiments.e5_headline [--quick] [--out DIR] [--seed S]
   python -m experiments.e5_headline --pretrained NAME [--compare CLASS=RUN]
 
-With --pretrained (issue 12's headline): judges the shipped optimizer NAME
+With --pretrained (the headline): judges the shipped optimizer NAME
 and its meta-training snapshots with the evaluation of step 2 below, plus
 unseen architectures, and writes experiments/results/e5_headline/
 (`experiments/lib/headline_report.py`). Without it:
@@ -50,9 +50,9 @@ from experiments.lib import plots
 from experiments.lib.baselines import BASELINES, LRS
 from experiments.lib.meta_training import ARCH, IMAGE_SIZE, NUM_CLASSES
 from learned_optimization.optimizers import base as opt_base
-from pathology_fix import estimators
-from pathology_fix import schedules
-from pathology_fix import tasks
+from pathology_fix.meta_gradient import estimators
+from pathology_fix.meta_gradient import schedules
+from pathology_fix.tasks_and_data import tasks
 from pathology_fix.runtime import evaluation
 
 NAME = "e5_headline/objective_comparison"  # the default mode's results
@@ -92,7 +92,7 @@ def main(argv=None):
   p = common.parser(__doc__.splitlines()[0])
   p.add_argument("--pretrained", default=None, metavar="NAME",
                  help="judge the shipped optimizer NAME and its meta-training "
-                      "snapshots instead (issue 12's headline); writes "
+                      "snapshots instead (the headline); writes "
                       "experiments/results/e5_headline/")
   p.add_argument("--compare", action="append", default=[],
                  metavar="CLASS=RUN_DIR",

@@ -37,9 +37,9 @@ from experiments.lib import analysis
 from experiments.lib import common
 from experiments.lib import heldout
 from experiments.lib import meta_training
-from pathology_fix import estimators
-from pathology_fix import schedules
-from pathology_fix import tasks
+from pathology_fix.meta_gradient import estimators
+from pathology_fix.meta_gradient import schedules
+from pathology_fix.tasks_and_data import tasks
 from pathology_fix.runtime import evaluation
 
 NAME = "e6_ablations"

@@ -1,4 +1,4 @@
-r"""E7: which gradient estimator, for which budget (issue 13).
+r"""E7: which gradient estimator, for which budget.
 
   python -m experiments.e7_estimator_study [--quick] [--out DIR] [--seed S]
 
@@ -10,7 +10,7 @@ Fashion-MNIST, 3-class subsets of classes 0-4) and the same outer objective:
 the validation meta-loss of `validation_task.ValidationMetaLossFamily`
 (meta_loss_evals outer_valid batches per step, each clipped at max_loss), the
 same sigma (LO's std), the same n samples per step and the same outer
-optimizer (the paper's Adam, `outer_loop.paper_outer_optimizer`).
+optimizer (the paper's Adam, `outer_optimizer.paper_outer_optimizer`).
 
 Part 2, meta-training at equal wall-clock: every estimator trains for
 `train_seconds` (its first, compiling steps not counted) per seed on

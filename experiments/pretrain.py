@@ -36,7 +36,7 @@ RECIPES = {
             "with HybridRPES for a few CPU-minutes on gin_configs/demo.gin's "
             "tasks (mlp2x32, 8x8 Fashion-MNIST, 3-class subsets of classes "
             "0-4, validation meta-objective, 300-step inner runs), with a "
-            "longer run and curriculum than the demo. NOT issue 12's target "
+            "longer run and curriculum than the demo. NOT the headline's target "
             "optimizer (>= 90% wins over tuned baselines): see `heldout`."),
         config="gin_configs/demo.gin",
         learned_optimizer="MLPLOpt",
@@ -46,7 +46,7 @@ RECIPES = {
         quick=dict(outer_steps=3, heldout_tasks=2, heldout_steps=50)),
     "nnadam_fmnist8": dict(
         description=(
-            "Issue 12's recipe: LO's NNAdam (Adam with per-tensor "
+            "The headline recipe: LO's NNAdam (Adam with per-tensor "
             "hyperparameters moved by an LSTM; starts as Adam(1e-2)) "
             "meta-trained with HybridRPES for at most 60 minutes on every "
             "3-class subset of Fashion-MNIST classes 0-4 (mlp2x32, 8x8, "
@@ -130,8 +130,8 @@ def elapsed_minutes(run_dir):
 
 def final_step(run_dir, limit_minutes=None):
   """The last saved params_<N>, or the last saved within limit_minutes."""
-  from pathology_fix.runtime import local_training  # pylint: disable=g-import-not-at-top
-  saved = local_training.checkpoint_steps(run_dir, "params_")
+  from pathology_fix.runtime import checkpoints  # pylint: disable=g-import-not-at-top
+  saved = checkpoints.checkpoint_steps(run_dir, "params_")
   if limit_minutes is None:
     return saved[-1]
   elapsed = elapsed_minutes(run_dir)
@@ -151,10 +151,10 @@ def copy_snapshots(run_dir, out_dir, minutes, final_step):
   m minutes of training (metrics.jsonl's elapsed_time) to out_dir/snapshots;
   returns [{minutes, step}] (the win-rate-vs-minutes curve's thetas; the
   shipped final_step is not repeated)."""
-  from pathology_fix.runtime import local_training  # pylint: disable=g-import-not-at-top
+  from pathology_fix.runtime import checkpoints  # pylint: disable=g-import-not-at-top
   if not minutes:
     return []
-  saved = set(local_training.checkpoint_steps(run_dir, "params_"))
+  saved = set(checkpoints.checkpoint_steps(run_dir, "params_"))
   elapsed = elapsed_minutes(run_dir)
   folder = os.path.join(out_dir, "snapshots")
   shutil.rmtree(folder, ignore_errors=True)
@@ -193,13 +193,13 @@ def evaluate(out_dir, recipe, quick, seed):
   """Held-out table of the shipped theta vs Adam(1e-3) and tuned Adam."""
   import gin  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from pathology_fix import demo  # pylint: disable=g-import-not-at-top
+  from pathology_fix.cli import demo  # pylint: disable=g-import-not-at-top
   from pathology_fix import pretrained  # pylint: disable=g-import-not-at-top
-  from pathology_fix.runtime import local_training  # pylint: disable=g-import-not-at-top
+  from pathology_fix.runtime import checkpoints  # pylint: disable=g-import-not-at-top
 
   lopt = pretrained.read_architecture(os.path.join(out_dir, "lopt.gin"))
-  step = local_training.checkpoint_steps(out_dir, "params_")[-1]
-  theta = local_training.load_params(out_dir, step, lopt)
+  step = checkpoints.checkpoint_steps(out_dir, "params_")[-1]
+  theta = checkpoints.load_params(out_dir, step, lopt)
   settings = dict(recipe, **recipe["quick"]) if quick else recipe
   num_tasks, num_steps = settings["heldout_tasks"], settings["heldout_steps"]
   keys = jax.random.split(jax.random.PRNGKey(seed + 1), num_tasks + 1)
@@ -268,12 +268,14 @@ def main(argv=None):
 
   import gin  # pylint: disable=g-import-not-at-top
   from pathology_fix import pretrained  # pylint: disable=g-import-not-at-top
-  from pathology_fix.runtime import local_training  # pylint: disable=g-import-not-at-top
+  from pathology_fix.runtime import checkpoints  # pylint: disable=g-import-not-at-top
+  # config.gin binds resumable_local_train, the loop's gin name.
+  from pathology_fix.runtime import local_training  # pylint: disable=g-import-not-at-top,unused-import
   gin.clear_config()
   gin.add_config_file_search_path(os.path.join(REPO, "gin_configs"))
   gin.parse_config_file(os.path.join(run_dir, "config.gin"))
   os.makedirs(out_dir, exist_ok=True)
-  for old in local_training.checkpoint_steps(out_dir, "params_"):
+  for old in checkpoints.checkpoint_steps(out_dir, "params_"):
     os.remove(os.path.join(out_dir, f"params_{old}"))
   # A run past its time limit (e.g. reused) ships the theta of the limit.
   last = final_step(run_dir, recipe.get("minutes"))

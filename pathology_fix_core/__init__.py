@@ -8,4 +8,8 @@ be used and tested on its own.
 - `combine`: the per-coordinate inverse-variance merge of RP and ES.
 - `objectives`: clipped (validation) meta-losses.
 - `curriculum`: truncation lengths and the linear curriculum.
+- `averaging`: the bias-corrected moving average of theta.
+- `errors`: `InvalidArgument`, raised by argument checks, naming the parameter.
+
+Layer 1 of docs/architecture.md; the facts these follow are docs/method.md's.
 """

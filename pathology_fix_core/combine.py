@@ -1,6 +1,6 @@
 """The merge of RP and ES gradient samples: per coordinate, by inverse variance.
 
-The paper (Metz et al. 2019, Sec. 4.3; `docs/method.md`) weighs the mean of
+The paper (Metz et al. 2019, Sec. 4.3; `docs/method.md` §5) weighs the mean of
 each estimator by the inverse of its variance. Over the FINITE samples of each
 estimator (``c_rp`` and ``c_es`` of them), per coordinate of theta:
 
@@ -62,6 +62,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from pathology_fix_core import errors
+
 PyTree = Any
 Pooling = Callable[[jax.Array], jax.Array]
 
@@ -91,8 +93,8 @@ POOLINGS = {"coordinate": per_coordinate, "tensor": per_tensor}
 def pooling(name: str, parameter: str = "pooling") -> Pooling:
   """The pooling function called ``name`` ("coordinate" or "tensor")."""
   if name not in POOLINGS:
-    raise ValueError(f"{parameter} ({name!r}) must be one of "
-                     f"{sorted(POOLINGS)}")
+    raise errors.InvalidArgument(
+        f"{parameter} ({name!r}) must be one of {sorted(POOLINGS)}", parameter)
   return POOLINGS[name]
 
 
@@ -323,8 +325,9 @@ def inverse_variance_merge(
         is then 0 and carries no information).
   """
   if int(min_samples) < 2:
-    raise ValueError(f"min_samples ({min_samples!r}) must be >= 2: a "
-                     "variance needs two samples")
+    raise errors.InvalidArgument(
+        f"min_samples ({min_samples!r}) must be >= 2: a variance needs two "
+        "samples", "min_samples")
   _check_trees(rp_samples, es_samples, rp_half_differences)
   rp = (_absent(es_samples) if rp_samples is None else
         _estimator_stats(rp_samples, rp_half_differences))

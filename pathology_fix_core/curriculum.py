@@ -1,4 +1,4 @@
-"""Truncation-length curriculum (Metz et al. 2019, Sec. 4.4).
+"""Truncation-length curriculum (the paper, Sec. 4.4; docs/method.md §6).
 
 The number of inner steps per truncation grows linearly over outer training,
 
@@ -16,6 +16,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from pathology_fix_core import errors
+
 
 def _is_int(x) -> bool:
   return (isinstance(x, (int, np.integer)) and not isinstance(x, bool)) or (
@@ -27,7 +29,8 @@ def check_steps_per_jit(steps_per_jit: int, name: str = "steps_per_jit"
                        ) -> None:
   """Raises ValueError unless ``steps_per_jit`` is an integer ``>= 1``."""
   if not (_is_int(steps_per_jit) and steps_per_jit >= 1):
-    raise ValueError(f"{name} ({steps_per_jit!r}) must be an integer >= 1")
+    raise errors.InvalidArgument(
+        f"{name} ({steps_per_jit!r}) must be an integer >= 1", name)
 
 
 def check_jitter(jitter: Tuple[float, float], prefix: str = "") -> None:
@@ -35,11 +38,13 @@ def check_jitter(jitter: Tuple[float, float], prefix: str = "") -> None:
   try:
     low, high = (float(j) for j in jitter)
   except (TypeError, ValueError) as e:
-    raise ValueError(f"{prefix}jitter ({jitter!r}) must be a pair (low, high) "
-                     "with 0 < low <= high") from e
+    raise errors.InvalidArgument(
+        f"{prefix}jitter ({jitter!r}) must be a pair (low, high) with "
+        "0 < low <= high", f"{prefix}jitter") from e
   if not (0.0 < low <= high and math.isfinite(high)):
-    raise ValueError(
-        f"{prefix}jitter ({jitter!r}) must satisfy 0 < low <= high")
+    raise errors.InvalidArgument(
+        f"{prefix}jitter ({jitter!r}) must satisfy 0 < low <= high",
+        f"{prefix}jitter")
 
 
 def validate_curriculum(k_min: float, k_max: float, num_iterations: int,
@@ -59,17 +64,21 @@ def validate_curriculum(k_min: float, k_max: float, num_iterations: int,
   """
   if not (isinstance(k_min, (int, float, np.integer, np.floating)) and
           not isinstance(k_min, bool) and k_min >= 1):
-    raise ValueError(f"{prefix}k_min ({k_min!r}) must be >= 1")
+    raise errors.InvalidArgument(f"{prefix}k_min ({k_min!r}) must be >= 1",
+                                 f"{prefix}k_min")
   if not (isinstance(k_max, (int, float, np.integer, np.floating)) and
           not isinstance(k_max, bool) and math.isfinite(k_max)):
-    raise ValueError(
-        f"{prefix}k_max ({k_max!r}) must be a finite number >= k_min")
+    raise errors.InvalidArgument(
+        f"{prefix}k_max ({k_max!r}) must be a finite number >= k_min",
+        f"{prefix}k_max")
   if k_min > k_max:
-    raise ValueError(
-        f"{prefix}k_min ({k_min!r}) must be <= {prefix}k_max ({k_max!r})")
+    raise errors.InvalidArgument(
+        f"{prefix}k_min ({k_min!r}) must be <= {prefix}k_max ({k_max!r})",
+        f"{prefix}k_min", f"{prefix}k_max")
   if not (_is_int(num_iterations) and num_iterations >= 1):
-    raise ValueError(
-        f"{prefix}num_iterations ({num_iterations!r}) must be an integer >= 1")
+    raise errors.InvalidArgument(
+        f"{prefix}num_iterations ({num_iterations!r}) must be an integer >= 1",
+        f"{prefix}num_iterations")
   check_steps_per_jit(steps_per_jit)
 
 
@@ -91,9 +100,9 @@ def check_unroll_length(unroll_length: int, steps_per_jit: int,
   check_steps_per_jit(steps_per_jit, steps_per_jit_name)
   if not (_is_int(unroll_length) and unroll_length >= 1 and
           int(unroll_length) % int(steps_per_jit) == 0):
-    raise ValueError(
+    raise errors.InvalidArgument(
         f"{name} ({unroll_length!r}) must be a positive multiple of "
-        f"{steps_per_jit_name} ({steps_per_jit!r})")
+        f"{steps_per_jit_name} ({steps_per_jit!r})", name, steps_per_jit_name)
 
 
 def round_to_chunks(length: float, steps_per_jit: int) -> int:

@@ -2,7 +2,8 @@
 
 The released code of Metz et al. (2019) clips every inner step's loss at 10
 before averaging over the unrolled steps, so one diverging step cannot
-dominate the outer objective (and has zero gradient once clipped).
+dominate the outer objective (and has zero gradient once clipped); the paper,
+Sec. 5; docs/method.md §7.
 """
 
 import math
@@ -10,6 +11,8 @@ from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+
+from pathology_fix_core import errors
 
 
 def validate_max_loss(max_loss: float) -> float:
@@ -21,9 +24,11 @@ def validate_max_loss(max_loss: float) -> float:
   try:
     value = float(max_loss)
   except (TypeError, ValueError) as e:
-    raise ValueError(f"max_loss must be > 0, got {max_loss!r}") from e
+    raise errors.InvalidArgument(f"max_loss must be > 0, got {max_loss!r}",
+                                 "max_loss") from e
   if math.isnan(value) or value <= 0.0:
-    raise ValueError(f"max_loss must be > 0, got {max_loss!r}")
+    raise errors.InvalidArgument(f"max_loss must be > 0, got {max_loss!r}",
+                                 "max_loss")
   return value
 
 
@@ -96,8 +101,9 @@ def validate_clip_mode(clip_mode: str) -> str:
     ValueError: if ``clip_mode`` is not one of ``META_LOSS_CLIP_MODES``.
   """
   if clip_mode not in META_LOSS_CLIP_MODES:
-    raise ValueError(f"meta_loss_clip_mode ({clip_mode!r}) must be one of "
-                     f"{META_LOSS_CLIP_MODES}")
+    raise errors.InvalidArgument(
+        f"meta_loss_clip_mode ({clip_mode!r}) must be one of "
+        f"{META_LOSS_CLIP_MODES}", "meta_loss_clip_mode")
   return clip_mode
 
 

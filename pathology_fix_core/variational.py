@@ -1,6 +1,6 @@
 """Gaussian-smoothed (variational) outer objective: perturbations and samples.
 
-The smoothed outer objective (Metz et al. 2019, Sec. 3 of the paper) is
+The smoothed outer objective (the paper, Sec. 4.1; docs/method.md §3-§4) is
 
   L~(theta) = E_{eps ~ N(0, sigma^2 I)} [ L(theta + eps) ].
 
@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pathology_fix_core import errors
+
 PyTree = Any
 
 
@@ -42,9 +44,10 @@ def validate_sigma(sigma: float, name: str = "sigma") -> float:
   try:
     value = float(sigma)
   except (TypeError, ValueError) as e:
-    raise ValueError(f"{name} must be > 0, got {sigma!r}") from e
+    raise errors.InvalidArgument(f"{name} must be > 0, got {sigma!r}",
+                                 name) from e
   if not math.isfinite(value) or value <= 0.0:
-    raise ValueError(f"{name} must be > 0, got {sigma!r}")
+    raise errors.InvalidArgument(f"{name} must be > 0, got {sigma!r}", name)
   return value
 
 

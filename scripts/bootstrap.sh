@@ -7,9 +7,10 @@
 #   scripts/bootstrap.sh main     .venv-lo-main  LO GitHub main (tested commit below)
 #
 # The variant can also come from PATHOLOGY_FIX_LO (0.0.1 or main). For main,
-# LO_MAIN_WHEEL names a wheel to install; otherwise the first of
-# ../shared/lo_main/*.whl and shared/lo_main/*.whl (beside or inside the
-# checkout; CI has the former), else the pinned commit from GitHub.
+# LO_MAIN_WHEEL names a wheel to install; otherwise a wheel in shared/lo_main/
+# inside the checkout, else the LO main already in .venv-lo-main (kept as it
+# is), else the pinned commit from GitHub. Machines without GitHub access set
+# LO_MAIN_WHEEL.
 # Both venvs get pathology_fix_startup.pth, so that LO's own binaries import
 # the plugin first (see pathology_fix_startup.py).
 # Our dependencies come at the tested versions of constraints.txt.
@@ -31,9 +32,13 @@ case "$variant" in
     venv="$root/.venv-lo-main"
     lo_spec="${LO_MAIN_WHEEL:-}"
     if [ -z "$lo_spec" ]; then
-      for candidate in "$root"/../shared/lo_main/*.whl "$root"/shared/lo_main/*.whl; do
+      for candidate in "$root"/shared/lo_main/*.whl; do
         if [ -f "$candidate" ]; then lo_spec="$candidate"; break; fi
       done
+    fi
+    # Only main has truncated_step.py: an installed main is kept.
+    if [ -z "$lo_spec" ] && compgen -G "$venv/lib/python*/site-packages/learned_optimization/outer_trainers/truncated_step.py" >/dev/null; then
+      lo_spec=installed
     fi
     lo_spec="${lo_spec:-git+https://github.com/google/learned_optimization@$LO_MAIN_COMMIT}"
     ;;
@@ -55,7 +60,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[bootstrap] installing dependencies and learned_optimization $variant (once; about a minute)"
   "$venv/bin/python" -m pip install -q --upgrade pip
   "$venv/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
-  "$venv/bin/python" -m pip install -q --no-deps --force-reinstall "$lo_spec"
+  if [ "$lo_spec" != installed ]; then
+    "$venv/bin/python" -m pip install -q --no-deps --force-reinstall "$lo_spec"
+  fi
   "$venv/bin/python" -m pathology_fix_startup
   echo "$want" > "$stamp"
 fi

@@ -110,10 +110,10 @@ def gin_config(config_file=LO_PES_CONFIG, bindings=()):
 def checkpoint_template(config_file=LO_PES_CONFIG):
   """An OptCheckpoint template for LO's checkpoints.load_state."""
   from learned_optimization.outer_trainers import gradient_learner  # pylint: disable=g-import-not-at-top
-  from pathology_fix.runtime import local_training  # pylint: disable=g-import-not-at-top
+  from pathology_fix.runtime import checkpoints  # pylint: disable=g-import-not-at-top
   with gin_config(config_file):
     outer_learner = gradient_learner.GradientLearner()
-    return local_training.checkpoint_template(outer_learner)
+    return checkpoints.checkpoint_template(outer_learner)
 
 
 def load_state(path, template):

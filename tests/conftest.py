@@ -1,5 +1,9 @@
 """Applies pathology_fix's compatibility layer before any test imports LO.
 
+Also imports the runtime's training loop, which registers the gin name
+`resumable_local_train` that the shipped configs bind (`import pathology_fix`
+alone loads no runtime), so tests can parse every config in this process.
+
 Also marks `lo_main`: the fast subset CI runs a second time against
 learned_optimization GitHub main (`.ci/run`; `PATHOLOGY_FIX_LO=main ./run.sh
 test`). Listed here, by node id prefix, so test files need no edits.
@@ -7,6 +11,7 @@ test`). Listed here, by node id prefix, so test files need no edits.
 
 import jax
 import pathology_fix  # noqa: F401
+from pathology_fix.runtime import local_training  # noqa: F401
 import pytest
 
 LO_MAIN_SUBSET = (

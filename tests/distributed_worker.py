@@ -11,7 +11,7 @@ built. Writes them as JSON to OUT.json.<process index>.
 import json
 import sys
 
-from pathology_fix import distributed
+from pathology_fix.runtime import distributed
 
 NUM_SAMPLES = 6
 NUM_STEPS = 3
@@ -27,12 +27,12 @@ def main(argv):
   from learned_optimization.learned_optimizers import base as lopt_base  # pylint: disable=g-import-not-at-top
   from learned_optimization.outer_trainers import gradient_learner  # pylint: disable=g-import-not-at-top
   from learned_optimization.outer_trainers import truncation_schedule  # pylint: disable=g-import-not-at-top
-  from pathology_fix import estimators  # pylint: disable=g-import-not-at-top
-  from pathology_fix import tasks  # pylint: disable=g-import-not-at-top
+  from pathology_fix.meta_gradient import estimators  # pylint: disable=g-import-not-at-top
+  from pathology_fix.tasks_and_data import tasks  # pylint: disable=g-import-not-at-top
   from pathology_fix.runtime import outer_loop  # pylint: disable=g-import-not-at-top
 
   # Counts the batches built (images gathered); skipped ones are not.
-  from pathology_fix import data  # pylint: disable=g-import-not-at-top
+  from pathology_fix.tasks_and_data import data  # pylint: disable=g-import-not-at-top
   gathered = [0]
   gather = data._SplitData.gather  # pylint: disable=protected-access
 
@@ -66,8 +66,8 @@ def main(argv):
   result = dict(process_index=jax.process_index(),
                 process_count=jax.process_count(),
                 devices=len(jax.devices()),
-                split=est.unroller.sharding.active,
-                local_samples=est.unroller.sharding.local_samples.tolist(),
+                split=est.sharding.active,
+                local_samples=est.sharding.local_samples.tolist(),
                 gathered=gathered[0],
                 grad=flat(first.grad), theta=flat(theta),
                 losses=[float(s.mean_loss) for s in steps])

@@ -1,4 +1,4 @@
-"""Bad configurations of `python -m pathology_fix.train` (issue 9.6).
+"""Bad configurations of `python -m pathology_fix.train` .
 
 Each case must print exactly one stderr line, `error: ...`, naming the
 parameter and its bad value, exit with status 2, and leave the run directory
@@ -16,8 +16,8 @@ import sys
 import pytest
 
 import pathology_fix  # pylint: disable=unused-import  # compat before LO
-from pathology_fix.runtime import local_training
-from pathology_fix import train
+from pathology_fix.runtime import checkpoints
+from pathology_fix.cli import train
 
 import cli_utils
 
@@ -54,8 +54,8 @@ def _checkpoint_of(*bindings):
     run_dir.mkdir()
     with cli_utils.gin_config(HYBRID, bindings):
       learner = gradient_learner.GradientLearner()
-      local_training.save_checkpoint(
-          str(run_dir), learner, local_training.checkpoint_template(learner),
+      checkpoints.save_checkpoint(
+          str(run_dir), learner, checkpoints.checkpoint_template(learner),
           keep=1)
     (run_dir / "config.gin").write_text("# the earlier run's config\n")
     (run_dir / "metrics.jsonl").write_text("")
@@ -237,7 +237,7 @@ def test_a_good_config_still_runs_after_bad_ones(tmp_path, capfd):
   # num_steps = 0 saves the starting point and stops before any compilation.
   status = train.execute(_argv(tmp_path / "run", ["run_train.num_steps = 0"]))
   assert status == 0, capfd.readouterr().err
-  assert local_training.checkpoint_steps(str(tmp_path / "run")) == [0]
+  assert checkpoints.checkpoint_steps(str(tmp_path / "run")) == [0]
   assert (tmp_path / "run" / "config.gin").is_file()
 
 

@@ -1,4 +1,4 @@
-"""Skipped batches keep streams in step; a block read is a slice (issue 14).
+"""Skipped batches keep streams in step; a block read is a slice.
 
 A process of a multi-process run reads only its own samples' batches
 (`batches.get_batches`) and skips the others'; its stream must stay exactly
@@ -12,10 +12,10 @@ import jax
 from learned_optimization import training
 from learned_optimization.tasks import base as tasks_base
 from learned_optimization.tasks.datasets import base as datasets_base
-from pathology_fix import batches
-from pathology_fix import data
-from pathology_fix import tasks
-from pathology_fix import validation_task
+from pathology_fix.meta_gradient import batches
+from pathology_fix.tasks_and_data import data
+from pathology_fix.tasks_and_data import tasks
+from pathology_fix.tasks_and_data import validation_task
 
 
 def _digits():

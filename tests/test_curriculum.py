@@ -141,14 +141,14 @@ def test_bad_jitter_names_it():
       cur.check_jitter(bad, prefix="C.")
 
 
-# --- how the estimators take a schedule (issue 9.5, 11) ----------------------
+# --- how the estimators take a schedule --------------------------------------
 
 
 def _estimator(**kwargs):
   from learned_optimization.learned_optimizers import mlp_lopt  # pylint: disable=g-import-not-at-top
   from learned_optimization.outer_trainers import truncation_schedule  # pylint: disable=g-import-not-at-top
   from learned_optimization.tasks import quadratics  # pylint: disable=g-import-not-at-top
-  from pathology_fix import estimators  # pylint: disable=g-import-not-at-top
+  from pathology_fix.meta_gradient import estimators  # pylint: disable=g-import-not-at-top
   return estimators.HybridRPES(
       quadratics.FixedDimQuadraticFamily(4), mlp_lopt.MLPLOpt(),
       truncation_schedule.ConstantTruncationSchedule(10_000), num_tasks=5,
@@ -162,7 +162,7 @@ def _lengths(est, outer_iteration=0, n=20):
 
 
 def test_a_schedule_replaces_unroll_length():
-  from pathology_fix import schedules  # pylint: disable=g-import-not-at-top
+  from pathology_fix.meta_gradient import schedules  # pylint: disable=g-import-not-at-top
   # unroll_length (default 20, or given) is no multiple of 50, and unused.
   for extra in ({}, {"unroll_length": 20}):
     est = _estimator(steps_per_jit=50, **extra,

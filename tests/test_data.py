@@ -1,4 +1,4 @@
-"""pathology_fix.data: offline Fashion-MNIST / digits as LO Datasets."""
+"""pathology_fix.tasks_and_data.data: offline Fashion-MNIST / digits as LO Datasets."""
 
 import hashlib
 import os
@@ -7,7 +7,7 @@ import gin
 import numpy as np
 import pytest
 
-from pathology_fix import data
+from pathology_fix.tasks_and_data import data
 from learned_optimization.tasks.datasets import base as datasets_base
 
 SIZES = (8, 14, 28)

@@ -1,4 +1,4 @@
-"""`python -m pathology_fix.demo` (the README's main job), shortened to 3 steps."""
+"""`python -m pathology_fix.demo` (`./run.sh demo`), shortened to 3 steps."""
 
 import json
 import math
@@ -72,7 +72,7 @@ def test_heldout_comparison_matches_adam_run_rate_by_rate(monkeypatch):
   import jax
   from learned_optimization.learned_optimizers import mlp_lopt
   from learned_optimization.optimizers import base as opt_base
-  from pathology_fix import demo
+  from pathology_fix.cli import demo
   from pathology_fix.runtime import evaluation
 
   lrs = (1e-4, 1e-3, 1e-1)

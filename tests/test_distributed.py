@@ -1,4 +1,4 @@
-"""One run over two processes (jax.distributed, gloo on 127.0.0.1) (issue 14).
+"""One run over two processes (jax.distributed, gloo on 127.0.0.1).
 
 The same-answer test runs `tests/distributed_worker.py` (HybridRPES, the
 validation meta-objective, digits MLP tasks): 2 processes x 1 device must
@@ -22,8 +22,8 @@ import numpy as np
 import portpicker
 import pytest
 
-from pathology_fix import distributed
-from pathology_fix import train
+from pathology_fix.runtime import distributed
+from pathology_fix.cli import train
 
 import cli_utils
 

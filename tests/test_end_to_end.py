@@ -7,7 +7,7 @@ import pathology_fix  # pylint: disable=unused-import  # compat before LO
 from learned_optimization.learned_optimizers import mlp_lopt  # pylint: disable=g-bad-import-order
 from learned_optimization.tasks import quadratics  # pylint: disable=g-bad-import-order
 from pathology_fix.runtime import evaluation
-from pathology_fix.runtime import local_training
+from pathology_fix.runtime import checkpoints
 
 import cli_utils
 
@@ -32,7 +32,7 @@ def test_hybrid_meta_training_lowers_the_meta_loss_and_logs_diagnostics(
   family = quadratics.FixedDimQuadraticFamily(10)
   heldout = [family.task_fn(family.sample(k))
              for k in jax.random.split(jax.random.PRNGKey(1234), 16)]
-  thetas = {n: local_training.load_params(str(tmp_path), s, lopt)
+  thetas = {n: checkpoints.load_params(str(tmp_path), s, lopt)
             for n, s in (("initial", 0), ("trained", 20))}
   out = evaluation.meta_test(heldout, lopt, thetas, 200, jax.random.PRNGKey(0))
   before = out["initial"]["train_loss_mean"]

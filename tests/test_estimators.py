@@ -11,10 +11,10 @@ from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.outer_trainers import truncated_grad
 from learned_optimization.outer_trainers import truncation_schedule
 from learned_optimization.tasks import quadratics
-from pathology_fix import estimators
-from pathology_fix import lo_api
-from pathology_fix import schedules
-from pathology_fix import variational_lopt
+from pathology_fix.meta_gradient import estimators
+from pathology_fix.lo_boundary import lo_api
+from pathology_fix.meta_gradient import schedules
+from pathology_fix.optimizers import variational_lopt
 
 SIGMA = 0.1
 STEPS = 10
@@ -215,7 +215,7 @@ def test_next_state_continues_from_positive_branch_and_resets_at_the_end():
       assert np.max(np.abs(other - plus) / np.abs(plus)) > 1e-2
 
   # Second truncation: clipped to the 10 steps left, with a FRESH eps
-  # (issue 9.4: one eps per truncation, not per inner run).
+  # (one eps per truncation, not per inner run).
   out, metrics = est.compute_gradient_estimate(weights, keys[1],
                                                out.unroll_state)
   assert float(metrics["mean||truncation_length"]) == 10

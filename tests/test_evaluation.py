@@ -12,7 +12,7 @@ from learned_optimization.optimizers import base as opt_base  # pylint: disable=
 from learned_optimization.tasks import base as task_base  # pylint: disable=g-bad-import-order
 from learned_optimization.tasks import quadratics  # pylint: disable=g-bad-import-order
 from pathology_fix.runtime import evaluation
-from pathology_fix import tasks
+from pathology_fix.tasks_and_data import tasks
 
 
 def _sgd_theta(lr):

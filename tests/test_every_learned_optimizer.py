@@ -1,6 +1,6 @@
 """Every learned optimizer LO ships, and ours, x our estimators: one outer step.
 
-Issue 9.8: theta may hold namedtuples (haiku's LSTMState in NNAdam), haiku
+theta may hold namedtuples (haiku's LSTMState in NNAdam), haiku
 FlatMaps (RNNMLPLOpt), frozen dicts and scalars; the gradient must come back
 with exactly theta's pytree structure, or LO's learner cannot add it up.
 Both lists are discovered, so a learned optimizer or an estimator added later
@@ -23,8 +23,8 @@ from learned_optimization.optimizers import base as opt_base
 from learned_optimization.outer_trainers import gradient_learner
 from learned_optimization.outer_trainers import truncation_schedule
 from learned_optimization.tasks import quadratics
-from pathology_fix import estimators
-from pathology_fix import progress_lopt
+from pathology_fix.meta_gradient import estimators
+from pathology_fix.optimizers import progress_lopt
 
 # Cases whose compile takes > 15 s on 2 busy CPU cores (measured): -m slow.
 # The default run keeps NNAdam with VariationalES (haiku's LSTMState in

@@ -16,8 +16,8 @@ from learned_optimization.learned_optimizers import base as lopt_base
 from learned_optimization.outer_trainers import gradient_learner
 from learned_optimization.outer_trainers import truncation_schedule
 from learned_optimization.tasks import base as tasks_base
-from pathology_fix import estimators
-from pathology_fix import mixing
+from pathology_fix.meta_gradient import estimators
+from pathology_fix.meta_gradient import mixing
 from test_combine import np_merge
 
 N = 16

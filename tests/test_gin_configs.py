@@ -9,10 +9,10 @@ import jax
 import cli_utils
 from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.outer_trainers import truncated_pes
-from pathology_fix import estimators
-from pathology_fix import lo_api
-from pathology_fix import schedules
-from pathology_fix import validation_task
+from pathology_fix.meta_gradient import estimators
+from pathology_fix.lo_boundary import lo_api
+from pathology_fix.meta_gradient import schedules
+from pathology_fix.tasks_and_data import validation_task
 
 CONFIGS = sorted((cli_utils.REPO / "gin_configs").glob("*.gin"))
 
@@ -60,13 +60,13 @@ def test_config_builds_its_estimator(name):
     assert isinstance(length, schedules.ConstantTruncationLength)
     assert length.length == int(name.rsplit("k", 1)[1])
   if name.startswith("paper") or name.startswith("ablation"):
-    assert estimator.num_tasks == 128 and estimator.sigma == 0.1
+    assert estimator.num_samples == 128 and estimator.sigma == 0.1
     split = "train" if name.endswith("train_objective") else "outer_valid"
     assert estimator.unroller.problems.meta_loss_split == split
   if name.startswith("headline_"):
     # Every 3-class subset of classes 0-4, one per sample (n = 10).
     assert estimator.task_family.num_subsets == 10
-    assert estimator.num_tasks == 10
+    assert estimator.num_samples == 10
   if name == "lo_truncated_pes_validation_clipped":
     family = (getattr(estimator, "task_family", None) or
               estimator.truncated_step.task_family)  # 0.0.1 or main

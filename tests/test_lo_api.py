@@ -20,10 +20,10 @@ from learned_optimization.outer_trainers import gradient_learner
 from learned_optimization.outer_trainers import truncated_pes
 from learned_optimization.outer_trainers import truncation_schedule
 from learned_optimization.tasks import quadratics
-from pathology_fix import estimators
-from pathology_fix import lo_api
+from pathology_fix.meta_gradient import estimators
+from pathology_fix.lo_boundary import lo_api
 from pathology_fix.runtime import local_training
-from pathology_fix import mixing
+from pathology_fix.meta_gradient import mixing
 
 import cli_utils
 
@@ -115,7 +115,7 @@ def test_truncated_step_construction_matches_task_family_construction():
       family, lopt, sched, num_tasks=5)
   from_step = estimators.HybridRPES(step, unroll_length=10)
   direct = estimators.HybridRPES(family, lopt, sched, 5, unroll_length=10)
-  assert from_step.num_tasks == 5 and from_step.trunc_sched is sched
+  assert from_step.num_samples == 5 and from_step.trunc_sched is sched
   assert from_step.task_name() == family.name
   jax.tree_util.tree_map(np.testing.assert_allclose, _gradient(from_step, lopt),
                          _gradient(direct, lopt))

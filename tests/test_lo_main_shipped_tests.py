@@ -10,7 +10,7 @@ NOT_RUN with the reason.
 import pytest
 
 import test_lo_shipped_tests as shipped
-from pathology_fix import lo_api
+from pathology_fix.lo_boundary import lo_api
 
 pytestmark = pytest.mark.skipif(
     not lo_api.IS_MAIN, reason="learned_optimization GitHub main's test modules")
@@ -32,7 +32,7 @@ CORE_MODULES = (
     "tasks.quadratics_test",
     "tasks.task_augmentation_test",
     "tasks.parametric.cfgobject_test",
-    "distributed_test",  # courier replaced by pathology_fix.runtime.inprocess_courier
+    "distributed_test",  # courier replaced by pathology_fix.lo_boundary.inprocess_courier
     "continuous_eval.task_group_server_test",
     "population.population_test",
     "population.examples.synthetic.train_test",
@@ -72,7 +72,7 @@ ENV = {
 SLOW_MODULES += tuple(ENV)
 
 _TFDS = ("needs tensorflow_datasets downloads (tfds.builder/tfds.load), "
-         "not installed; our offline data is pathology_fix.data")
+         "not installed; our offline data is pathology_fix.tasks_and_data.data")
 _SEQIO = "imports seqio (LM tasks), which is not installed"
 _TIME_FILTER = ("imports learned_optimization.time_filter, which is not in "
                 "the repository")

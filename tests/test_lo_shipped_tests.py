@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from pathology_fix import lo_api
+from pathology_fix.lo_boundary import lo_api
 
 # LO GitHub main ships other test modules: tests/test_lo_main_shipped_tests.py.
 pytestmark = pytest.mark.skipif(
@@ -47,7 +47,7 @@ CORE_MODULES = (
 
 # Also pass, but take 5-20 s each: `pytest -m slow`.
 SLOW_MODULES = (
-    "distributed_test",  # courier replaced by pathology_fix.runtime.inprocess_courier
+    "distributed_test",  # courier replaced by pathology_fix.lo_boundary.inprocess_courier
     "eval_training_test",
     "continuous_eval.run_eval_chief_test",
     "continuous_eval.run_eval_worker_test",
@@ -70,7 +70,7 @@ ENV = {
 SLOW_MODULES += tuple(ENV)
 
 _TFDS = ("needs tensorflow_datasets downloads (tfds.builder/tfds.load), "
-         "not installed; our offline data is pathology_fix.data")
+         "not installed; our offline data is pathology_fix.tasks_and_data.data")
 _IMAGENET = "needs the preprocessed imagenet2012_16 tfds dataset"
 _SEQIO = "imports seqio (LM tasks), which is not installed"
 

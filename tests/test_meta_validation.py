@@ -9,7 +9,7 @@ import pytest
 import cli_utils
 import pathology_fix  # noqa: F401  (compat before LO)
 from learned_optimization.learned_optimizers import base as lopt_base  # pylint: disable=g-bad-import-order
-from pathology_fix import tasks
+from pathology_fix.tasks_and_data import tasks
 from pathology_fix.runtime import evaluation
 from pathology_fix.runtime import meta_validation as mv
 from pathology_fix.runtime import theta_averaging

@@ -7,7 +7,7 @@ import jax
 import estimator_fixtures as fx
 from learned_optimization.learned_optimizers import base as lopt_base
 from learned_optimization.outer_trainers import truncation_schedule
-from pathology_fix import estimators
+from pathology_fix.meta_gradient import estimators
 
 SIGMA = 0.1
 RUN = 30  # inner-run length T

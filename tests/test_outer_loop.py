@@ -10,6 +10,7 @@ import cli_utils
 import pathology_fix  # pylint: disable=unused-import  # compat before LO
 from learned_optimization.learned_optimizers import base as lopt_base  # pylint: disable=g-bad-import-order
 from learned_optimization.outer_trainers import gradient_learner  # pylint: disable=g-bad-import-order
+from pathology_fix.optimizers import outer_optimizer
 from pathology_fix.runtime import outer_loop
 
 TARGET = 0.7  # the fake meta-loss is (log_lr - TARGET)^2
@@ -59,7 +60,7 @@ class _QuadraticEstimator:
 
 def _learner(lr):
   return outer_loop.learner(lopt_base.LearnableSGD(initial_lr=1.0),
-                            outer_loop.paper_outer_optimizer(lr))
+                            outer_optimizer.paper_outer_optimizer(lr))
 
 
 def test_paper_optimizer_is_clipped_adam_with_beta1_half():
@@ -67,7 +68,7 @@ def test_paper_optimizer_is_clipped_adam_with_beta1_half():
   # equal textbook Adam(beta1 0.5) on the clipped values.
   lr = 0.01
   grads = [5.0, -3.0, 0.05, 0.05]
-  opt = outer_loop.paper_outer_optimizer(lr)
+  opt = outer_optimizer.paper_outer_optimizer(lr)
   state = opt.init({"w": jnp.asarray(0.0)})
   previous = 0.0
   for g, expected in zip(grads, _adam_reference(grads, lr)):
@@ -79,7 +80,7 @@ def test_paper_optimizer_is_clipped_adam_with_beta1_half():
 
 @pytest.mark.parametrize("split,lr", [("train", 3e-3), ("outer_valid", 3e-4)])
 def test_paper_learning_rate_per_objective(split, lr):
-  opt = outer_loop.paper_outer_optimizer(meta_loss_split=split)
+  opt = outer_optimizer.paper_outer_optimizer(meta_loss_split=split)
   state = opt.init({"w": jnp.asarray(0.0)})
   state = opt.update(state, {"w": jnp.asarray(1.0)}, loss=jnp.asarray(0.))
   # First Adam step: lr * g / (|g| + eps) = lr for g = 1.
@@ -92,7 +93,7 @@ def test_paper_learning_rate_per_objective(split, lr):
 ])
 def test_bad_outer_optimizer_arguments_name_the_parameter(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    outer_loop.paper_outer_optimizer(**kwargs)
+    outer_optimizer.paper_outer_optimizer(**kwargs)
 
 
 def test_run_applies_the_outer_optimizer_to_the_estimate_each_step():
@@ -171,6 +172,6 @@ def test_a_leftover_adam_binding_is_an_error_not_a_no_op():
   try:
     gin.parse_config("Adam.learning_rate = 0.1")
     with pytest.raises(ValueError, match="Adam.learning_rate"):
-      outer_loop.paper_outer_optimizer(3e-3)
+      outer_optimizer.paper_outer_optimizer(3e-3)
   finally:
     gin.clear_config()

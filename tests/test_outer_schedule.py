@@ -12,8 +12,9 @@ import pytest
 import pathology_fix  # noqa: F401  (compat before LO)
 from learned_optimization.learned_optimizers import base as lopt_base  # pylint: disable=g-bad-import-order
 from learned_optimization.outer_trainers import gradient_learner  # pylint: disable=g-bad-import-order
+from pathology_fix.optimizers import outer_optimizer
 from pathology_fix.runtime import outer_loop
-from pathology_fix.runtime import outer_schedule
+from pathology_fix.optimizers import outer_schedule
 
 
 def _lr_reference(t, lr, schedule, total, warmup, final):
@@ -96,7 +97,7 @@ def test_constant_schedule_is_exactly_the_paper_optimizer():
   rng = np.random.default_rng(1)
   theta = {"a": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
            "b": jnp.asarray(rng.normal(size=(2,)), jnp.float32)}
-  paper = outer_loop.paper_outer_optimizer(3e-3)
+  paper = outer_optimizer.paper_outer_optimizer(3e-3)
   ours = outer_schedule.scheduled_outer_optimizer(3e-3)
   assert isinstance(ours.opt, type(paper.opt))
   s_paper, s_ours = paper.init(theta), ours.init(theta)
@@ -190,7 +191,7 @@ def test_gin_binds_it_as_the_learner_theta_optimizer():
   gin.clear_config()
   try:
     gin.parse_config("""
-        import pathology_fix.runtime.outer_schedule
+        import pathology_fix.optimizers.outer_schedule
         scheduled_outer_optimizer.learning_rate = 1e-3
         scheduled_outer_optimizer.schedule = "linear"
         scheduled_outer_optimizer.total_steps = 100

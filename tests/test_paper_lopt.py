@@ -11,8 +11,8 @@ from learned_optimization.optimizers import base as opt_base  # pylint: disable=
 from learned_optimization.outer_trainers import gradient_learner
 from learned_optimization.outer_trainers import truncation_schedule
 from learned_optimization.tasks import quadratics
-from pathology_fix import estimators
-from pathology_fix import paper_lopt
+from pathology_fix.meta_gradient import estimators
+from pathology_fix.optimizers import paper_lopt
 
 DECAYS = np.array([0.5, 0.9, 0.99, 0.999, 0.9999])
 GRADIENT_COLUMN = 20  # after m (5), v (5), 1/sqrt(v+eps) (5), m/sqrt (5)

@@ -166,7 +166,7 @@ def test_progress_adam_saved_like_a_shipped_optimizer_runs_as_optax(
   import gin
   from experiments import pretrain
   from learned_optimization.outer_trainers import gradient_learner
-  from pathology_fix import progress_lopt
+  from pathology_fix.optimizers import progress_lopt
   folder = tmp_path / "progress_test"
   folder.mkdir()
   gin.clear_config()
@@ -180,7 +180,7 @@ def test_progress_adam_saved_like_a_shipped_optimizer_runs_as_optax(
            "beta1": jnp.asarray(0.02, jnp.float32),
            "beta2": jnp.asarray(-0.05, jnp.float32),
            "weight_decay": jnp.asarray(0.05, jnp.float32)}
-  # params_<N> as local_training.save_checkpoint writes it.
+  # params_<N> as checkpoints.save_checkpoint writes it.
   (folder / "params_7").write_bytes(flax.serialization.to_bytes(
       gradient_learner.ParameterCheckpoint(theta, "no_gen_id", 7)))
   (folder / "record.json").write_text(json.dumps({"name": "progress_test"}))
@@ -284,13 +284,13 @@ def test_pretrain_quick_writes_a_loadable_optimizer(tmp_path):
 
 @every_shipped
 def test_shipped_optimizer_beats_adam_1e3_on_two_heldout_tasks(name):
-  """Issue 12's regression check: 2 new held-out tasks, 300 steps, test loss.
+  """The headline optimizer's regression check: 2 new held-out tasks, 300 steps, test loss.
 
   The record's first two held-out class subsets (its seed), with fresh
   inits; against LO's own Adam(1e-3), same data and keys.
   """
   from learned_optimization.optimizers import base as opt_base
-  from pathology_fix import demo
+  from pathology_fix.cli import demo
   from pathology_fix.runtime import evaluation
   record = pretrained.record(name)
   keys = jax.random.split(jax.random.PRNGKey(record["heldout"]["seed"]),

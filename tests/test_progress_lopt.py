@@ -1,7 +1,7 @@
 """ProgressAdam: Adam with a learned learning-rate schedule over t / T.
 
 The update is checked against a numpy implementation written from the
-formulas in `pathology_fix/progress_lopt.py`'s docstring, its initial theta
+formulas in `pathology_fix/optimizers/progress_lopt.py`'s docstring, its initial theta
 against LO's own Adam, and every estimator (ours and LO's) against the
 gradient of the meta-loss computed by differentiating a direct unroll.
 """
@@ -17,9 +17,9 @@ from learned_optimization.outer_trainers import truncated_es
 from learned_optimization.outer_trainers import truncated_grad
 from learned_optimization.outer_trainers import truncated_pes
 from learned_optimization.outer_trainers import truncation_schedule
-from pathology_fix import estimators
-from pathology_fix import lo_api
-from pathology_fix import progress_lopt
+from pathology_fix.meta_gradient import estimators
+from pathology_fix.lo_boundary import lo_api
+from pathology_fix.optimizers import progress_lopt
 
 SHAPES = {"a": (3, 4), "b": (5,)}
 

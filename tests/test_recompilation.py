@@ -12,8 +12,8 @@ import estimator_fixtures as fx
 from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.outer_trainers import truncation_schedule
 from learned_optimization.tasks import quadratics
-from pathology_fix import estimators
-from pathology_fix import schedules
+from pathology_fix.meta_gradient import estimators
+from pathology_fix.meta_gradient import schedules
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 

@@ -10,8 +10,8 @@ from learned_optimization.learned_optimizers import base as lopt_base
 from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.outer_trainers import truncation_schedule
 from learned_optimization.tasks import quadratics
-from pathology_fix import estimators
-from pathology_fix import schedules
+from pathology_fix.meta_gradient import estimators
+from pathology_fix.meta_gradient import schedules
 
 SIGMA = 0.1
 

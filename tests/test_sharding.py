@@ -22,7 +22,7 @@ from learned_optimization.outer_trainers import gradient_learner
 from learned_optimization.outer_trainers import truncation_schedule
 from learned_optimization.tasks import quadratics
 from learned_optimization.tasks.datasets import base as datasets_base
-from pathology_fix import estimators
+from pathology_fix.meta_gradient import estimators
 
 assert jax.local_device_count() == 2, jax.devices()
 
@@ -70,7 +70,7 @@ def run(shard, rematerialize):
                           for leaf in jax.tree_util.tree_leaves(state)})
   grad_devices = sorted({len(leaf.sharding.device_set)
                          for leaf in jax.tree_util.tree_leaves(out.grad)})
-  return dict(active=est.unroller.sharding.active, grads=grads, losses=losses,
+  return dict(active=est.sharding.active, grads=grads, losses=losses,
               state_devices=state_devices, grad_devices=grad_devices,
               inner_step=np.asarray(state.inner_step).tolist())
 
@@ -83,7 +83,7 @@ result = {
 with warnings.catch_warnings(record=True) as caught:
   warnings.simplefilter("always")
   odd = estimator(True, num_tasks=5)
-result["odd_active"] = odd.unroller.sharding.active
+result["odd_active"] = odd.sharding.active
 result["odd_warnings"] = [str(w.message) for w in caught]
 print("RESULT" + json.dumps(result))
 """

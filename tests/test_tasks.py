@@ -1,4 +1,4 @@
-"""pathology_fix.tasks: the paper's networks and class-subset task families."""
+"""pathology_fix.tasks_and_data.tasks: the paper's networks and class-subset task families."""
 
 import os
 
@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from pathology_fix import data
-from pathology_fix import tasks
+from pathology_fix.tasks_and_data import data
+from pathology_fix.tasks_and_data import tasks
 from learned_optimization import training
 from learned_optimization.tasks import base
 from learned_optimization.tasks import test_utils

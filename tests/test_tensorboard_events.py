@@ -7,7 +7,8 @@ import numpy as np
 
 import pathology_fix  # pylint: disable=unused-import  # compat before LO
 from learned_optimization import summary  # pylint: disable=g-bad-import-order
-from pathology_fix.runtime import local_training
+from pathology_fix.runtime import checkpoints
+from pathology_fix.runtime import summaries
 
 import cli_utils
 
@@ -31,14 +32,14 @@ def test_lo_jaxboard_writer_scalars_round_trip(tmp_path):
 def test_training_summaries_match_metrics_jsonl(tmp_path):
   """The loop's writer path: same tags/values in TensorBoard and the jsonl."""
   writer = summary.JaxboardWriter(str(tmp_path))
-  log = local_training.MetricsLog(str(tmp_path / "m.jsonl"), keep_up_to_step=0)
+  log = checkpoints.MetricsLog(str(tmp_path / "m.jsonl"), keep_up_to_step=0)
   to_write = {
       "mean_loss": np.float32(1.5),
       "theta_mean//mlp/~/linear_0/b": np.float32(0.25),  # LO's theta names
       "FixedDimQuadraticFamily/grad_norm": 2.0,
       "loss_histogram": np.arange(4.0),  # not a scalar: histogram only
   }
-  local_training.write_summaries(writer, log, to_write, step=7)
+  summaries.write_summaries(writer, log, to_write, step=7)
   writer.close()
   log.close()
 
@@ -64,7 +65,7 @@ def test_resumed_run_replaces_the_killed_runs_later_steps(tmp_path):
   time.sleep(1.1)
 
   resumed = summary.JaxboardWriter(str(tmp_path))
-  local_training.mark_restart(resumed, 4)
+  summaries.mark_restart(resumed, 4)
   for step in range(4, 7):
     resumed.scalar("mean_loss", 100.0 + step, step=step)
   resumed.close()

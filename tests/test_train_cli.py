@@ -10,7 +10,7 @@ import pytest
 
 import pathology_fix  # pylint: disable=unused-import  # compat before LO
 from learned_optimization.learned_optimizers import mlp_lopt  # pylint: disable=g-bad-import-order
-from pathology_fix.runtime import local_training
+from pathology_fix.runtime import checkpoints
 
 import cli_utils
 
@@ -45,10 +45,10 @@ def test_short_run_writes_checkpoints_summaries_and_config(tmp_path):
   with cli_utils.gin_config():
     lopt = mlp_lopt.MLPLOpt()
   jax.tree_util.tree_map(np.testing.assert_array_equal,
-                         local_training.load_params(str(log_dir), 3, lopt),
+                         checkpoints.load_params(str(log_dir), 3, lopt),
                          params.params)
   with pytest.raises(FileNotFoundError, match=r"params_1: .*\[0, 2, 3\]"):
-    local_training.load_params(str(log_dir), 1, lopt)
+    checkpoints.load_params(str(log_dir), 1, lopt)
 
   records = cli_utils.read_metrics(log_dir)
   assert [r["step"] for r in records] == [1, 2, 3]
@@ -74,7 +74,7 @@ def test_short_run_writes_checkpoints_summaries_and_config(tmp_path):
 def _wait_for_checkpoint(proc, log_dir, min_step, timeout_s=cli_utils.TIMEOUT_S):
   deadline = time.monotonic() + timeout_s
   while time.monotonic() < deadline:
-    steps = local_training.checkpoint_steps(str(log_dir))
+    steps = checkpoints.checkpoint_steps(str(log_dir))
     if steps and steps[-1] >= min_step:
       return
     assert proc.poll() is None, f"training exited early: {proc.returncode}"
@@ -104,7 +104,7 @@ def test_resume_after_sigkill_continues_from_last_checkpoint(tmp_path):
   # What a kill can leave behind: the newest complete checkpoint N, and a
   # half-written checkpoint_<N+1>.tmp. A checkpoint_<N+1> that is unreadable
   # (torn by the disk, say) must not stop resume either.
-  n = local_training.checkpoint_steps(str(log_dir))[-1]
+  n = checkpoints.checkpoint_steps(str(log_dir))[-1]
   template = cli_utils.checkpoint_template()
   before = cli_utils.load_state(log_dir / f"checkpoint_{n}", template)
   assert int(before.gradient_learner_state.theta_opt_state.iteration) == n

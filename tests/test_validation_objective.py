@@ -12,7 +12,7 @@ from learned_optimization.learned_optimizers import base as lopt_base
 from learned_optimization.outer_trainers import truncation_schedule
 from learned_optimization.tasks import base as tasks_base
 from learned_optimization.tasks.datasets import base as datasets_base
-from pathology_fix import estimators
+from pathology_fix.meta_gradient import estimators
 
 TARGETS = {"train": 1.0, "inner_valid": 50.0, "outer_valid": -1.0, "test": 1000.0}
 LR = 0.1

@@ -10,9 +10,9 @@ import estimator_fixtures as fx
 from learned_optimization.learned_optimizers import base as lopt_base
 from learned_optimization.outer_trainers import truncated_pes
 from learned_optimization.outer_trainers import truncation_schedule
-from pathology_fix import estimators
-from pathology_fix import lo_api
-from pathology_fix import validation_task
+from pathology_fix.meta_gradient import estimators
+from pathology_fix.lo_boundary import lo_api
+from pathology_fix.tasks_and_data import validation_task
 from test_validation_objective import LR, TARGETS, _tagged_family
 
 # Every group of 3 consecutive outer_valid batches holds each target once,

@@ -2,11 +2,10 @@
 
 Families, estimators, the runner that times one library outer step
 (`pathology_fix.runtime.outer_loop.outer_step`, blocked on the new theta and inner
-states), CPU/GPU peak memory, and the spawn-process plumbing.
+states), CPU/GPU peak memory. The spawn-process plumbing is `bench_child`.
 """
 
 import ctypes
-import multiprocessing
 import os
 import statistics
 import time
@@ -77,7 +76,7 @@ class CompileCounter:
 def cnn_family(image_size: int, batch_size: int):
   """The paper's conv3 on Fashion-MNIST classes; a synthetic stand-in if absent."""
   try:
-    from pathology_fix import tasks as ptasks  # pylint: disable=g-import-not-at-top
+    from pathology_fix.tasks_and_data import tasks as ptasks  # pylint: disable=g-import-not-at-top
     family = ptasks.FashionMnistClassSubsetFamily(
         architecture="conv3", image_size=image_size, batch_size=batch_size)
     return family, f"conv3 FashionMNIST {image_size}px b{batch_size}"
@@ -136,7 +135,7 @@ def make_estimator(name: str, family, lopt, n: int, k: int, total: int,
   from learned_optimization.outer_trainers import truncated_grad  # pylint: disable=g-import-not-at-top
   from learned_optimization.outer_trainers import truncated_pes  # pylint: disable=g-import-not-at-top
   from learned_optimization.outer_trainers import truncation_schedule  # pylint: disable=g-import-not-at-top
-  from pathology_fix import estimators  # pylint: disable=g-import-not-at-top
+  from pathology_fix.meta_gradient import estimators  # pylint: disable=g-import-not-at-top
   sched = truncation_schedule.ConstantTruncationSchedule(total)
   if name in HYBRID:
     return estimators.HybridRPES(
@@ -345,7 +344,7 @@ def _hybrid_breakdown(est, weights, state, k, repeats):
   state, steps_left = unroller.prepare(theta, state, weights.outer_state,
                                        jax.random.PRNGKey(7))
   eps = variational.sample_perturbations(jax.random.PRNGKey(8), theta,
-                                         est.sigma, num_samples=est.num_tasks)
+                                         est.sigma, num_samples=est.num_samples)
   out = {}
   for label, grads in (("forward_s", False), ("unroll_with_reverse_s", True)):
     times = []
@@ -357,38 +356,3 @@ def _hybrid_breakdown(est, weights, state, k, repeats):
       times.append(time.perf_counter() - t)
     out[label] = statistics.median(times[1:])  # first may compile the ES path
   return out
-
-
-def _child(cfg, queue):
-  try:
-    if cfg["kind"] == "profile":
-      from experiments.lib import bench_profile  # pylint: disable=g-import-not-at-top
-      fn = bench_profile.run_profile
-    else:
-      fn = {"memory": run_memory, "group": run_group}[cfg["kind"]]
-    queue.put(("ok", fn(cfg)))
-  except BaseException as e:  # pylint: disable=broad-except
-    import traceback  # pylint: disable=g-import-not-at-top
-    queue.put(("error", f"{e!r}\n{traceback.format_exc()}"))
-
-
-def run_in_child(cfg: Dict[str, Any], timeout_s: float) -> Any:
-  ctx = multiprocessing.get_context("spawn")
-  queue = ctx.Queue()
-  proc = ctx.Process(target=_child, args=(cfg, queue))
-  proc.start()
-  try:
-    status, payload = queue.get(timeout=timeout_s)
-  except Exception:  # pylint: disable=broad-except
-    status, payload = "error", f"no result within {timeout_s:.0f} s"
-  proc.join(timeout=30)
-  if proc.is_alive():
-    proc.kill()
-    proc.join()
-  if status == "ok":
-    return payload
-  return dict(error=payload.splitlines()[0] if payload else "?",
-              error_detail=payload)
-
-
-# Parent: configurations, tables.

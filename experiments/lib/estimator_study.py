@@ -22,12 +22,13 @@ from learned_optimization.outer_trainers import truncated_grad
 from learned_optimization.outer_trainers import truncated_pes
 from learned_optimization.outer_trainers import truncation_schedule
 from learned_optimization.tasks.datasets import base as datasets_base
-from pathology_fix import data
-from pathology_fix import estimators
-from pathology_fix import lo_api
-from pathology_fix import tasks
-from pathology_fix import validation_task
+from pathology_fix.tasks_and_data import data
+from pathology_fix.meta_gradient import estimators
+from pathology_fix.lo_boundary import lo_api
+from pathology_fix.tasks_and_data import tasks
+from pathology_fix.tasks_and_data import validation_task
 from pathology_fix_core import combine
+from pathology_fix.optimizers import outer_optimizer
 from pathology_fix.runtime import outer_loop
 
 OURS = {"HybridRPES": estimators.HybridRPES,
@@ -205,7 +206,7 @@ def merged_reference(es_draws: np.ndarray, rp_draws: np.ndarray):
 def init_theta(cfg: Dict[str, Any], lopt):
   """The initial theta of the first seed's runs (as in meta_train_timed)."""
   learner = outer_loop.learner(
-      lopt, outer_loop.paper_outer_optimizer(cfg["outer_lr"]))
+      lopt, outer_optimizer.paper_outer_optimizer(cfg["outer_lr"]))
   k_init = jax.random.split(jax.random.PRNGKey(cfg["seeds"][0]), 3)[1]
   return outer_loop.theta(learner, learner.init(k_init))
 
@@ -229,7 +230,7 @@ def meta_train_timed(est, lopt, cfg: Dict[str, Any], seed: int,
   first step past each of `checkpoint_seconds`.
   """
   learner = outer_loop.learner(
-      lopt, outer_loop.paper_outer_optimizer(cfg["outer_lr"]))
+      lopt, outer_optimizer.paper_outer_optimizer(cfg["outer_lr"]))
   base_key, k_init, k_state = jax.random.split(jax.random.PRNGKey(seed), 3)
   state = learner.init(k_init)
   checkpoints = [(0.0, 0, 0, outer_loop.theta(learner, state))]

@@ -1,4 +1,4 @@
-"""Issue 12's headline: a shipped learned optimizer against tuned baselines.
+"""The headline: a shipped learned optimizer against tuned baselines.
 
 E5's evaluation (`evaluate`): the held-out tasks (every 3-class subset of
 Fashion-MNIST classes 5-9 and 3-class subsets of scikit-learn's digits,
@@ -20,7 +20,7 @@ from experiments.lib import heldout
 from experiments.lib.baselines import BASELINES
 from experiments.lib.meta_training import ARCH, IMAGE_SIZE, NUM_CLASSES
 from learned_optimization.optimizers import base as opt_base
-from pathology_fix import tasks
+from pathology_fix.tasks_and_data import tasks
 from pathology_fix.runtime import evaluation
 
 EVAL = dict(batch_size=128, inner_steps=1000, num_fmnist_tasks=10,

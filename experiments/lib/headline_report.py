@@ -1,4 +1,4 @@
-"""E5 --pretrained NAME: issue 12's headline table for a shipped optimizer.
+"""E5 --pretrained NAME: the headline table for a shipped optimizer.
 
 Judges the shipped theta and its meta-training snapshots (record.json's
 `snapshots`, files under <name>/snapshots/) on E5's 16 held-out tasks, and
@@ -16,7 +16,7 @@ from experiments.lib import analysis
 from experiments.lib import common
 from experiments.lib import headline
 from pathology_fix import pretrained
-from pathology_fix.runtime import local_training
+from pathology_fix.runtime import checkpoints
 
 QUICK = dict(headline.EVAL, inner_steps=100, num_fmnist_tasks=2,
              num_digits_tasks=1, eval_every=50, train_eval_examples=500,
@@ -34,7 +34,7 @@ def snapshot_thetas(name, lopt):
   thetas, minutes = {}, []
   for snap in rec.get("snapshots", []):
     label = f"{snap['minutes']:.0f} min"
-    thetas[label] = local_training.load_params(
+    thetas[label] = checkpoints.load_params(
         os.path.join(folder, "snapshots"), snap["step"], lopt)
     minutes.append(snap["minutes"])
   thetas["shipped"] = pretrained.load(name)[1]
@@ -93,9 +93,9 @@ def compared_optimizers(compare):
                        f"{sorted(pretrained.LEARNED_OPTIMIZERS)}, got {spec!r}")
     lopt = (meta_training.make_lopt() if cls == "MLPLOpt"
             else pretrained.LEARNED_OPTIMIZERS[cls]())
-    step = local_training.checkpoint_steps(run_dir, "params_")[-1]
+    step = checkpoints.checkpoint_steps(run_dir, "params_")[-1]
     out[f"{cls} ({os.path.basename(os.path.normpath(run_dir))}, step "
-        f"{step})"] = (lopt, local_training.load_params(run_dir, step, lopt))
+        f"{step})"] = (lopt, checkpoints.load_params(run_dir, step, lopt))
   return out
 
 

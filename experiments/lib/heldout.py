@@ -13,8 +13,8 @@ import numpy as np
 from tqdm import tqdm
 
 from experiments.lib.meta_training import ARCH, IMAGE_SIZE
-from pathology_fix import data
-from pathology_fix import tasks
+from pathology_fix.tasks_and_data import data
+from pathology_fix.tasks_and_data import tasks
 
 Spec = Tuple[str, Sequence[int], int]  # (dataset, classes, seed)
 

@@ -3,7 +3,7 @@
 Task distribution: mlp2x32 on 8x8 Fashion-MNIST, every 3-class subset of a
 class pool (one subset per sample, random inits). Outer training is
 `pathology_fix.runtime.outer_loop.run` with the paper's outer optimizer
-(`outer_loop.paper_outer_optimizer`) at the experiment's learning rate.
+(`outer_optimizer.paper_outer_optimizer`) at the experiment's learning rate.
 """
 
 import time
@@ -15,8 +15,9 @@ from tqdm import tqdm
 import pathology_fix  # noqa: F401  (compat layer before any LO import)
 from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.outer_trainers import truncation_schedule
+from pathology_fix.optimizers import outer_optimizer
 from pathology_fix.runtime import outer_loop
-from pathology_fix import tasks
+from pathology_fix.tasks_and_data import tasks
 
 ARCH = "mlp2x32"
 IMAGE_SIZE = 8
@@ -47,7 +48,7 @@ _LEARNERS = {}
 def _learner(outer_lr: float):
   if outer_lr not in _LEARNERS:
     _LEARNERS[outer_lr] = outer_loop.learner(
-        make_lopt(), outer_loop.paper_outer_optimizer(outer_lr))
+        make_lopt(), outer_optimizer.paper_outer_optimizer(outer_lr))
   return _LEARNERS[outer_lr]
 
 
@@ -64,7 +65,7 @@ def meta_train(estimator_cls, family, *, num_tasks: int, inner_steps: int,
   Stops after `max_outer_steps`, or once every sample has unrolled
   `inner_step_budget` inner steps (equal-compute ablations). Outer optimizer:
   the paper's, Adam(beta1 = 0.5) on gradients clipped by value at 0.1
-  (METHOD.md sec. 5), at learning rate `outer_lr`.
+  (`docs/method.md` §8), at learning rate `outer_lr`.
 
   `unroller`: an AntitheticUnroller to reuse (same family, split, n): its
   compiled chunk functions are then shared, which saves ~30 s per run here.

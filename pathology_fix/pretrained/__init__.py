@@ -7,7 +7,7 @@
 
 Each optimizer is a folder `<name>/` here: `params_<N>` (its theta, LO's
 `ParameterCheckpoint` as written by `pathology_fix.train`; read with
-`runtime.local_training.load_params`), `lopt.gin` (the constructor arguments
+`runtime.checkpoints.load_params`), `lopt.gin` (the constructor arguments
 of its architecture) and `record.json` (its license, and how it was made:
 command, seed, meta-training minutes and steps, git commit, held-out results).
 Rebuild one with `python -m experiments.pretrain <name>`. The thetas are
@@ -17,26 +17,24 @@ under the package's license (LICENSE, Apache-2.0), named in each record.
 import importlib.resources
 import json
 import os
-import re
 from typing import Any, Dict, List, Tuple
 
 from gin import config as gin_config
 from gin import config_parser
 
-import pathology_fix  # noqa: F401  (compat layer before any LO import)
 from learned_optimization.learned_optimizers import adafac_mlp_lopt
 from learned_optimization.learned_optimizers import base as lopt_base
 from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.learned_optimizers import nn_adam
-from pathology_fix import paper_lopt
-from pathology_fix import progress_lopt
+from pathology_fix.optimizers import paper_lopt
+from pathology_fix.optimizers import progress_lopt
 from pathology_fix.pretrained.adapter import lopt_to_optax
+from pathology_fix.runtime import checkpoints
 
 ARCHITECTURE_FILE = "lopt.gin"
 RECORD_FILE = "record.json"
 # The shipped thetas' license: the package's own (LICENSE).
 LICENSE = "Apache-2.0"
-_PARAMS = re.compile(r"^params_(\d+)$")
 # The architectures a lopt.gin may name (gin name -> class).
 LEARNED_OPTIMIZERS = {
     "MLPLOpt": mlp_lopt.MLPLOpt,
@@ -108,15 +106,13 @@ def load(name: str) -> Tuple[lopt_base.LearnedOptimizer, Any]:
   `learned_opt.opt_fn(theta)` is an LO Optimizer; `lopt_to_optax` (or
   `pretrained.optax`) makes it an optax transformation.
   """
-  from pathology_fix.runtime import local_training  # pylint: disable=g-import-not-at-top
   folder = path(name)
   learned_opt = read_architecture(os.path.join(folder, ARCHITECTURE_FILE))
-  steps = [int(m.group(1)) for m in map(_PARAMS.match, os.listdir(folder))
-           if m]
+  steps = checkpoints.checkpoint_steps(folder, checkpoints.PARAMS_PREFIX)
   if len(steps) != 1:
     raise ValueError(f"{folder}: expected exactly one params_<N> file, found "
                      f"steps {sorted(steps)}")
-  return learned_opt, local_training.load_params(folder, steps[0], learned_opt)
+  return learned_opt, checkpoints.load_params(folder, steps[0], learned_opt)
 
 
 def optax(name: str, num_steps: int):  # pylint: disable=redefined-outer-name

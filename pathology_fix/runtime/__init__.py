@@ -1,2 +1,4 @@
-"""Running meta-training: the LO compatibility layer and its stand-ins, the
-resumable local loop with checkpoints and metrics, and from-scratch evaluation."""
+"""Layer 5, running meta-training: the outer loop, the run directory's checkpoints
+and summaries, the resumable loop LO's run_train calls, from-scratch evaluation,
+several processes, and meta-validation's building blocks (docs/architecture.md).
+`local_training` registers the gin name `resumable_local_train`."""

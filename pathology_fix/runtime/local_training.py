@@ -2,305 +2,37 @@
 
 `run_train` calls `outer_train.local_train` by global name, and LO 0.0.1's
 version restores the last checkpoint and then ignores it: every rerun starts
-from fresh meta-parameters. `local_train` here has the same signature and
-continues from the last checkpoint instead; `installed()` swaps it in while
-our entry point (`python -m pathology_fix.train`) runs.
+from fresh meta-parameters. `resumable_local_train` here has the same
+signature and continues from the last checkpoint instead; the CLI swaps it in
+(`lo_api.local_train_replaced_by`) while `python -m pathology_fix.train` runs.
 
-What a train_log_dir holds afterwards:
-
-  checkpoint_<N>   flax.serialization.to_bytes(OptCheckpoint) after N outer
-                   steps: theta, outer-optimizer state, elapsed time. LO's name
-                   and format (`checkpoints.load_state` reads it).
-  params_<N>       to_bytes(ParameterCheckpoint): theta only, for evaluation.
-  metrics.jsonl    one JSON object per outer step: "step", "mean_loss" and
-                   every scalar written to TensorBoard, under the same tag.
-                   Non-finite values are written as null.
-  events.out.tfevents.*   TensorBoard summaries (LO's JaxboardWriter).
-  config.gin       written by run_train.
-
-Checkpoints are written atomically (`<name>.tmp`, fsync, rename), so a kill at
-any moment leaves the previous ones intact; a resumed run restores the newest
-readable one, and drops later metrics so step numbers stay monotone.
-
-Several processes (`pathology_fix.distributed`): every process runs this loop
-on the same train_log_dir (a shared filesystem); only process 0 writes it
-(checkpoints, params, metrics.jsonl, TensorBoard). All processes restore
-process 0's newest checkpoint before it writes again, and stop with an error
-if they restored different steps (the directory is not shared).
+Per run: seeding (one seed for all processes), restore or init
+(`checkpoints.restore_everywhere`), then `outer_loop.run`'s steps, each logged
+(`summaries`), checkpointed every few steps and at the end (also on Ctrl-C),
+with a progress bar and a closing summary of where everything went. The run
+directory's format is `checkpoints`'.
 """
 
 import collections
-import contextlib
-import json
 import os
-import re
 import secrets
-import threading
 import time
-from typing import Any, Iterator, Mapping, MutableMapping, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 from absl import logging
 import gin
 import jax
-import jax.numpy as jnp
-from learned_optimization import checkpoints
-from learned_optimization import outer_train
-from learned_optimization import summary
 from learned_optimization.learned_optimizers import base as lopt_base
 from learned_optimization.outer_trainers import gradient_learner
 import numpy as onp
 import tqdm
 
-from pathology_fix import distributed
-from pathology_fix import lo_api
+from pathology_fix_core import errors
+from pathology_fix.lo_boundary import lo_api
+from pathology_fix.runtime import checkpoints
+from pathology_fix.runtime import distributed
 from pathology_fix.runtime import outer_loop
-
-CHECKPOINT_PREFIX = "checkpoint_"
-PARAMS_PREFIX = "params_"
-METRICS_FILE = "metrics.jsonl"
-TMP_SUFFIX = ".tmp"
-_GEN_ID = "no_gen_id"  # what LO's local_train stores; no population here
-
-PRNGKey = jnp.ndarray
-
-
-class CheckpointError(RuntimeError):
-  """Checkpoints exist in a train_log_dir but none of them can be restored."""
-
-
-def _fsync_dir(path: str):
-  """Makes a rename in `path` durable (no-op where directories can't be opened)."""
-  try:
-    fd = os.open(path, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
-
-
-def write_atomically(path: str, data: bytes):
-  """Writes `data` to `path` so that readers see the old or the new file only."""
-  tmp_path = path + TMP_SUFFIX
-  with open(tmp_path, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp_path, path)
-  _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def checkpoint_steps(train_log_dir: str, prefix: str = CHECKPOINT_PREFIX
-                    ) -> Sequence[int]:
-  """Sorted steps N of the complete `<prefix><N>` files (`.tmp` excluded)."""
-  pattern = re.compile(re.escape(prefix) + r"(\d+)$")
-  try:
-    names = os.listdir(train_log_dir)
-  except FileNotFoundError:
-    return []
-  steps = []
-  for name in names:
-    match = pattern.match(name)
-    if match and os.path.isfile(os.path.join(train_log_dir, name)):
-      steps.append(int(match.group(1)))
-  return sorted(steps)
-
-
-def checkpoint_template(
-    outer_learner: gradient_learner.GradientLearner,
-    key: Optional[PRNGKey] = None) -> gradient_learner.OptCheckpoint:
-  """An OptCheckpoint with the right structure, for `checkpoints.load_state`."""
-  if key is None:
-    key = jax.random.PRNGKey(0)
-  return gradient_learner.OptCheckpoint(
-      outer_learner.init(key),
-      elapsed_time=onp.asarray(0.0, onp.float64),
-      total_inner_steps=0)
-
-
-def save_checkpoint(train_log_dir: str,
-                    outer_learner: gradient_learner.GradientLearner,
-                    opt_checkpoint: gradient_learner.OptCheckpoint,
-                    keep: int) -> str:
-  """Writes params_<N> and checkpoint_<N> (N = outer step); keeps the last `keep`.
-
-  params_0 (the theta training started from) is never removed.
-  """
-  import flax.serialization  # pylint: disable=g-import-not-at-top
-  state = opt_checkpoint.gradient_learner_state
-  step = int(state.theta_opt_state.iteration)
-  params = gradient_learner.ParameterCheckpoint(
-      lo_api.get_meta_params(outer_learner, state), _GEN_ID, step)
-  # params first: checkpoint_<N> existing implies params_<N> is complete.
-  write_atomically(
-      os.path.join(train_log_dir, f"{PARAMS_PREFIX}{step}"),
-      flax.serialization.to_bytes(params))
-  path = os.path.join(train_log_dir, f"{CHECKPOINT_PREFIX}{step}")
-  write_atomically(path, flax.serialization.to_bytes(opt_checkpoint))
-  for prefix in (CHECKPOINT_PREFIX, PARAMS_PREFIX):
-    for old in checkpoint_steps(train_log_dir, prefix)[:-keep]:
-      if prefix == PARAMS_PREFIX and old == 0:
-        continue  # the starting theta, kept for before/after comparisons
-      _remove_file(os.path.join(train_log_dir, f"{prefix}{old}"))
-  logging.info("Saved %s", path)
-  return path
-
-
-def load_params(train_log_dir: str, step: int,
-                lopt: lopt_base.LearnedOptimizer) -> Any:
-  """theta from `params_<step>` in train_log_dir (LO's ParameterCheckpoint)."""
-  path = os.path.join(train_log_dir, f"{PARAMS_PREFIX}{int(step)}")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"{path}: no such parameter file; saved steps: "
-        f"{checkpoint_steps(train_log_dir, PARAMS_PREFIX)}")
-  template = gradient_learner.ParameterCheckpoint(
-      lopt.init(jax.random.PRNGKey(0)), _GEN_ID, 0)
-  return checkpoints.load_state(path, template).params
-
-
-def _remove_file(path: str):
-  # Not LO's filesystem.remove: it is shutil.rmtree, which fails on files.
-  try:
-    os.remove(path)
-  except FileNotFoundError:
-    pass
-
-
-def _check_like(restored: Any, template: Any):
-  """flax restores arrays of any shape (and dicts of any keys): compare."""
-  if (jax.tree_util.tree_structure(restored) !=
-      jax.tree_util.tree_structure(template)):
-    raise ValueError("its pytree structure differs from this config's")
-  leaves, _ = jax.tree_util.tree_flatten_with_path(restored)
-  for (path, got), want in zip(leaves, jax.tree_util.tree_leaves(template)):
-    if onp.shape(got) != onp.shape(want):
-      raise ValueError(f"{jax.tree_util.keystr(path)} has shape "
-                       f"{onp.shape(got)}, this config's {onp.shape(want)}")
-
-
-def restore_latest_checkpoint(
-    train_log_dir: str, template: gradient_learner.OptCheckpoint
-) -> Optional[Tuple[gradient_learner.OptCheckpoint, str]]:
-  """Restores the newest readable checkpoint_<N>; None if there is none.
-
-  Leftover `.tmp` files (a write cut short by a kill) are removed. An
-  unreadable newest checkpoint is skipped for an older one, and then removed
-  together with any later params_<M>, so that it can't shadow the new ones.
-
-  Args:
-    train_log_dir: directory holding the checkpoints.
-    template: structure to restore into (see `checkpoint_template`).
-
-  Returns:
-    (restored OptCheckpoint, its path), or None when no checkpoint exists.
-
-  Raises:
-    CheckpointError: checkpoints exist but none can be read, e.g. because the
-      config changed the learned optimizer's structure.
-  """
-  for name in os.listdir(train_log_dir):
-    if name.endswith(TMP_SUFFIX) and name.startswith(
-        (CHECKPOINT_PREFIX, PARAMS_PREFIX)):
-      logging.warning("Removing %s, left by an interrupted write.", name)
-      _remove_file(os.path.join(train_log_dir, name))
-
-  unreadable = []
-  for step in reversed(checkpoint_steps(train_log_dir)):
-    path = os.path.join(train_log_dir, f"{CHECKPOINT_PREFIX}{step}")
-    try:
-      restored = checkpoints.load_state(path, template)
-      _check_like(restored, template)
-    except Exception as e:  # pylint: disable=broad-except
-      # Any failure to parse (truncated msgpack, wrong structure) means the
-      # same thing here: this file cannot be resumed from. Warned about only
-      # if an older one restores; else the CheckpointError says it all.
-      unreadable.append((path, e))
-      continue
-    for bad_path, error in unreadable:
-      logging.warning("Cannot restore %s (%s: %s); removing it and resuming "
-                      "from %s.", bad_path, type(error).__name__, error, path)
-      _remove_file(bad_path)
-    for later in checkpoint_steps(train_log_dir, PARAMS_PREFIX):
-      if later > step:
-        _remove_file(os.path.join(train_log_dir, f"{PARAMS_PREFIX}{later}"))
-    return restored, path
-
-  if unreadable:
-    path, error = unreadable[0]
-    raise CheckpointError(
-        f"none of the {len(unreadable)} checkpoints in {train_log_dir} can be "
-        f"restored (newest: {os.path.basename(path)}: "
-        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})."
-        " Did the config change? Use a new --train_log_dir to start afresh.")
-  return None
-
-
-class MetricsLog:
-  """Appends one JSON object per outer step to metrics.jsonl."""
-
-  def __init__(self, path: str, keep_up_to_step: Optional[int]):
-    self._path = path
-    if keep_up_to_step is not None and os.path.exists(path):
-      self._truncate(keep_up_to_step)
-    self._file = open(path, "a")
-
-  def _truncate(self, last_step: int):
-    """Drops records after `last_step`: a killed run logged past its checkpoint."""
-    kept = []
-    with open(self._path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except ValueError:
-          continue  # a line cut short by the kill
-        if isinstance(record, dict) and record.get("step", last_step + 1) <= last_step:
-          kept.append(json.dumps(record) + "\n")
-    write_atomically(self._path, "".join(kept).encode())
-
-  def write(self, step: int, scalars: Mapping[str, float]):
-    record = {"step": int(step)}
-    if "mean_loss" in scalars:
-      record["mean_loss"] = None  # placeholder: keeps it second in the line
-    for k, v in scalars.items():
-      v = float(v)
-      record[k] = v if onp.isfinite(v) else None  # strict JSON has no NaN
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
-
-  def close(self):
-    self._file.close()
-
-
-def _is_scalar(value: Any) -> bool:
-  return onp.ndim(value) == 0
-
-
-def mark_restart(summary_writer: Any, first_new_step: int):
-  """Tells TensorBoard to drop events from `first_new_step` on of the killed run.
-
-  Only our tensorboardX writer (what LO's JaxboardWriter is without
-  TensorFlow) can; with TF's writer this is skipped.
-  """
-  drop_from = getattr(summary_writer, "mark_restart", None)
-  if drop_from is not None:
-    drop_from(first_new_step)
-
-
-def _close_writer(summary_writer: Any, timeout_s: float = 30.0):
-  """Closes the writer (tensorboardX drains its queue only on close).
-
-  Bounded: after a Ctrl-C landed inside the writer its queue may never drain.
-  """
-  closer = threading.Thread(target=summary_writer.close, daemon=True)
-  closer.start()
-  closer.join(timeout_s)
-  if closer.is_alive():
-    logging.warning("Summary writer did not close within %.0f s; the last "
-                    "TensorBoard events may be missing.", timeout_s)
+from pathology_fix.runtime import summaries
 
 
 def estimator_groups(num_estimators: int,
@@ -309,9 +41,10 @@ def estimator_groups(num_estimators: int,
   if not per_step:
     return [list(range(num_estimators))]
   if not 1 <= per_step <= num_estimators:
-    raise ValueError(
+    raise errors.InvalidArgument(
         f"resumable_local_train.run_num_estimators_per_gradient ({per_step}) "
-        f"must be between 1 and num_estimators ({num_estimators})")
+        f"must be between 1 and num_estimators ({num_estimators})",
+        "resumable_local_train.run_num_estimators_per_gradient")
   cycle = [i % num_estimators
            for i in range(per_step * num_estimators)]  # whole groups repeat
   return [cycle[g:g + per_step] for g in range(0, len(cycle), per_step)]
@@ -324,29 +57,6 @@ def _resolve_seed(seed: Optional[int]) -> int:
   return distributed.broadcast_int(secrets.randbits(31))
 
 
-def _restore_everywhere(train_log_dir: str, template):
-  """`restore_latest_checkpoint` in every process, process 0 (which cleans up) first.
-
-  Returns before process 0 writes anything, so all restore the same step.
-  """
-  primary = distributed.is_primary()
-  restored = restore_latest_checkpoint(train_log_dir, template) if primary else None
-  distributed.barrier("pathology_fix_restore_primary")
-  if not primary:
-    restored = restore_latest_checkpoint(train_log_dir, template)
-  distributed.barrier("pathology_fix_restore_all")
-  step = -1 if restored is None else int(
-      restored[0].gradient_learner_state.theta_opt_state.iteration)
-  primary_step = distributed.broadcast_int(step)
-  if step != primary_step:
-    raise CheckpointError(
-        f"process {jax.process_index()} restored step {step} from "
-        f"{train_log_dir} but process 0 restored step {primary_step} (-1: "
-        "none): every process needs the same train_log_dir on a shared "
-        "filesystem")
-  return restored
-
-
 def _restore_or_init(train_log_dir: str,
                      outer_learner: gradient_learner.GradientLearner,
                      init_key) -> Tuple[Any, float, int, Optional[str]]:
@@ -354,7 +64,7 @@ def _restore_or_init(train_log_dir: str,
   state = outer_learner.init(init_key)
   template = gradient_learner.OptCheckpoint(
       state, elapsed_time=onp.asarray(0.0, onp.float64), total_inner_steps=0)
-  restored = _restore_everywhere(train_log_dir, template)
+  restored = checkpoints.restore_everywhere(train_log_dir, template)
   if restored is None:
     return state, 0.0, 0, None
   checkpoint_data, restored_path = restored
@@ -363,66 +73,8 @@ def _restore_or_init(train_log_dir: str,
           int(checkpoint_data.total_inner_steps), restored_path)
 
 
-def _open_summaries(train_log_dir: str,
-                    outer_learner: gradient_learner.GradientLearner,
-                    learner_state, restored: bool):
-  """metrics.jsonl and TensorBoard, continued after a restored step.
-
-  Processes other than 0 get writers that discard everything.
-  """
-  if not distributed.is_primary():
-    return _Discard(), _Discard()
-  step = int(learner_state.theta_opt_state.iteration)
-  metrics_log = MetricsLog(
-      os.path.join(train_log_dir, METRICS_FILE),
-      keep_up_to_step=step if restored else 0)
-  summary_writer = summary.JaxboardWriter(train_log_dir)
-  if restored:
-    mark_restart(summary_writer, step + 1)
-  else:
-    theta = lo_api.get_meta_params(outer_learner, learner_state)
-    shapes = jax.tree_util.tree_map(
-        lambda x: (tuple(onp.shape(x)), str(jnp.asarray(x).dtype)), theta)
-    summary_writer.text("theta_structure", str(shapes), step=0)
-  return metrics_log, summary_writer
-
-
-class _Discard:
-  """MetricsLog and summary writer of the processes that do not write."""
-
-  def write(self, *args, **kwargs):
-    pass
-
-  scalar = histogram = text = close = write
-
-
-def _step_summary(out: outer_loop.OuterStep,
-                  outer_learner: gradient_learner.GradientLearner,
-                  worker_ids, with_metrics: bool, delta_time: float,
-                  total_inner_steps: int,
-                  elapsed_time: float) -> MutableMapping[str, Any]:
-  """LO's learner summary of one step, plus the estimators' metrics."""
-  # LO's local_train drops the estimators' metrics; keep both.
-  with onp.errstate(divide="ignore"):
-    to_write = outer_train.summarize_learner(
-        step=out.step,
-        metrics=out.metrics,
-        worker_ids=worker_ids,
-        with_metrics=with_metrics,
-        theta=lo_api.get_meta_params(outer_learner, out.learner_state),
-        delta_time=delta_time,
-        total_inner_steps=total_inner_steps,
-        delta_inner_steps=onp.asarray(0))
-  # gradient_worker_compute does not report inner steps (LO's loop logs 0
-  # for them too): leave these out rather than log zeros.
-  to_write.pop("inner_steps", None)
-  to_write.pop("total_time/inner_steps_per_second", None)
-  to_write["elapsed_time"] = elapsed_time + delta_time
-  return to_write
-
-
-@gin.configurable("resumable_local_train")
-def local_train(
+@gin.configurable
+def resumable_local_train(
     train_log_dir: str,
     lopt: lopt_base.LearnedOptimizer,
     outer_learner: gradient_learner.GradientLearner,
@@ -473,16 +125,15 @@ def local_train(
   Returns:
     The outer step reached.
   """
-  overridden = _overridden_binding(
+  _reject_overridden_bindings(
       num_estimators=num_estimators, summary_every_n=summary_every_n,
       num_steps=num_steps, num_seconds=num_seconds,
       stochastic_resample_frequency=stochastic_resample_frequency)
-  if overridden:
-    raise ValueError(overridden)
   if checkpoint_every_n_steps < 1:
-    raise ValueError("checkpoint_every_n_steps must be >= 1")
+    raise errors.InvalidArgument(
+        "checkpoint_every_n_steps must be >= 1", "checkpoint_every_n_steps")
   if keep < 1:
-    raise ValueError("keep must be >= 1")
+    raise errors.InvalidArgument("keep must be >= 1", "keep")
   groups = estimator_groups(num_estimators, run_num_estimators_per_gradient)
   os.makedirs(train_log_dir, exist_ok=True)
   seed = _resolve_seed(seed)
@@ -492,7 +143,7 @@ def local_train(
   progress = _start(train_log_dir, outer_learner, keep, init_key, seed,
                     num_steps)
   start_step = progress.step
-  metrics_log, summary_writer = _open_summaries(
+  metrics_log, summary_writer = summaries.open_summaries(
       train_log_dir, outer_learner, progress.learner_state,
       restored=progress.restored_path is not None)
 
@@ -530,15 +181,15 @@ def local_train(
     if progress.step != progress.last_saved_step:
       progress.save()
     metrics_log.close()
-    _close_writer(summary_writer)
+    summaries.close_writer(summary_writer)
     if stop_reason and distributed.is_primary():
       _print_outputs(train_log_dir, progress.step, num_steps, start_step,
                      stop_reason)
   return progress.step
 
 
-def _overridden_binding(**received) -> Optional[str]:
-  """Why a `resumable_local_train.<name>` binding was overridden, or None.
+def _reject_overridden_bindings(**received):
+  """Raises for a `resumable_local_train.<name>` binding the caller overrides.
 
   LO's run_train passes these arguments explicitly (its own defaults), and
   an explicit argument beats a gin binding: such a binding would be silently
@@ -547,10 +198,10 @@ def _overridden_binding(**received) -> Optional[str]:
   bound = gin.get_bindings("resumable_local_train")
   for name, value in received.items():
     if name in bound and bound[name] != value:
-      return (f"resumable_local_train.{name} = {bound[name]!r} is overridden "
-              f"by the caller's {name}={value!r} (LO's run_train passes it): "
-              f"bind run_train.{name} instead")
-  return None
+      raise errors.InvalidArgument(
+          f"resumable_local_train.{name} = {bound[name]!r} is overridden by "
+          f"the caller's {name}={value!r} (LO's run_train passes it): bind "
+          f"run_train.{name} instead", f"resumable_local_train.{name}")
 
 
 def _start(train_log_dir, outer_learner, keep, init_key, seed: int,
@@ -601,7 +252,7 @@ class _Progress:
     if not distributed.is_primary():
       self.last_saved_step = self.step
       return
-    save_checkpoint(
+    checkpoints.save_checkpoint(
         self.train_log_dir, self.outer_learner,
         gradient_learner.OptCheckpoint(
             self.learner_state,
@@ -620,10 +271,10 @@ def _log_steps(steps, progress: _Progress, pbar, metrics_log, summary_writer,
     delta_time = max(now - step_start, 1e-9)
     step_start = now
     worker_ids.append([0])
-    to_write = _step_summary(out, progress.outer_learner, worker_ids,
+    to_write = summaries.step_summary(out, progress.outer_learner, worker_ids,
                              out.with_metrics, delta_time,
                              progress.total_inner_steps, progress.elapsed_time)
-    write_summaries(summary_writer, metrics_log, to_write, out.step)
+    summaries.write_summaries(summary_writer, metrics_log, to_write, out.step)
     # Commit only once the step is logged: what a checkpoint holds (also on
     # Ctrl-C) always has its metrics.jsonl line.
     progress.learner_state = out.learner_state
@@ -637,48 +288,15 @@ def _log_steps(steps, progress: _Progress, pbar, metrics_log, summary_writer,
   return False
 
 
-_INVALID_TAG_CHARACTERS = re.compile(r"[^-/\w.]")
-
-
-def tensorboard_tag(name: str) -> str:
-  """The tag TensorBoard writers store `name` under (theta paths contain '~')."""
-  return _INVALID_TAG_CHARACTERS.sub("_", name).lstrip("/")
-
-
-def write_summaries(summary_writer: Any, metrics_log: MetricsLog,
-                     to_write: MutableMapping[str, Any], step: int):
-  scalars = {}
-  for name, value in to_write.items():
-    # Cleaned here, not by the writer, so metrics.jsonl uses the same keys.
-    tag = tensorboard_tag(name)
-    if _is_scalar(value):
-      scalars[tag] = float(value)
-      summary_writer.scalar(tag, scalars[tag], step=step)
-    else:
-      summary_writer.histogram(tag, onp.asarray(value), step=step)
-  metrics_log.write(step, scalars)
-
-
 def _print_outputs(train_log_dir: str, step: int, num_steps: int,
                    start_step: int, stop_reason: str):
   d = os.path.abspath(train_log_dir)
   done = step - start_step
   print(f"Meta-training stopped at outer step {step} of {num_steps} "
         f"({stop_reason}; this run did {done} step{'' if done == 1 else 's'}).\n"
-        f"  checkpoints: {d}/{CHECKPOINT_PREFIX}{step} and "
-        f"{PARAMS_PREFIX}{step} (rerun the same command to resume)\n"
+        f"  checkpoints: {d}/{checkpoints.CHECKPOINT_PREFIX}{step} and "
+        f"{checkpoints.PARAMS_PREFIX}{step} (rerun the same command to resume)\n"
         f"  summaries:   {d} (tensorboard --logdir {d})\n"
-        f"  metrics:     {d}/{METRICS_FILE}\n"
+        f"  metrics:     {d}/{checkpoints.METRICS_FILE}\n"
         f"  gin config:  {d}/config.gin",
         flush=True)
-
-
-@contextlib.contextmanager
-def installed() -> Iterator[None]:
-  """Makes LO's `run_train` use this `local_train` inside the block."""
-  original = outer_train.local_train
-  outer_train.local_train = local_train
-  try:
-    yield
-  finally:
-    outer_train.local_train = original

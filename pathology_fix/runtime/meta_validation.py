@@ -65,7 +65,8 @@ import gin
 import jax
 import numpy as np
 
-from pathology_fix import tasks as tasks_lib
+from pathology_fix_core import errors
+from pathology_fix.tasks_and_data import tasks as tasks_lib
 from pathology_fix.runtime import evaluation
 from pathology_fix.runtime import model_selection
 from pathology_fix.runtime import theta_averaging
@@ -105,17 +106,18 @@ class MetaTrainingDistribution:
   def check(self):
     """Raises ValueError unless validation tasks can be drawn from it."""
     if self.dataset not in DATASETS:
-      raise ValueError(
+      raise errors.InvalidArgument(
           f"{_PREFIX}distribution.dataset={self.dataset!r}; allowed: "
-          f"{DATASETS} (digits is the held-out, out-of-distribution dataset)")
+          f"{DATASETS} (digits is the held-out, out-of-distribution dataset)",
+          f"{_PREFIX}distribution")
     tasks_lib._check_architecture(self.architecture, _PREFIX)  # pylint: disable=protected-access
     pool = self.validation_pool()
     if not 2 <= self.num_classes_per_task <= len(pool):
-      raise ValueError(
+      raise errors.InvalidArgument(
           f"{_PREFIX}distribution.num_classes_per_task="
           f"{self.num_classes_per_task!r}; allowed: 2 to the number of "
           f"non-held-out classes of class_pool {self.class_pool!r}, which "
-          f"are {pool} ({len(pool)})")
+          f"are {pool} ({len(pool)})", f"{_PREFIX}distribution")
 
 
 def _family_kwargs(name: str) -> Tuple[Any, Dict[str, Any]]:
@@ -144,18 +146,20 @@ def distribution_from_gin(selector: str = FAMILY_SELECTOR
   try:
     ref = gin.query_parameter(selector)
   except ValueError as e:
-    raise ValueError(f"{_PREFIX}distribution is None and {selector} is not "
-                     "bound; bind one of them") from e
+    raise errors.InvalidArgument(
+        f"{_PREFIX}distribution is None and {selector} is not "
+        "bound; bind one of them", f"{_PREFIX}distribution") from e
   name = getattr(getattr(ref, "configurable", None), "name", None)
   while name in WRAPPER_FNS:
     inner = f"{name}.{WRAPPER_FNS[name]}"
     ref = gin.query_parameter(inner)
     name = getattr(getattr(ref, "configurable", None), "name", None)
   if name not in FAMILY_FNS:
-    raise ValueError(
+    raise errors.InvalidArgument(
         f"{_PREFIX}distribution is None and {selector} is {ref!r}; deriving "
         f"the validation tasks needs one of {FAMILY_FNS} (optionally wrapped "
-        f"in {tuple(WRAPPER_FNS)}), or bind MetaValidation.distribution")
+        f"in {tuple(WRAPPER_FNS)}), or bind MetaValidation.distribution",
+        f"{_PREFIX}distribution")
   _, kwargs = _family_kwargs(name)
   pool = kwargs["class_pool"]
   return MetaTrainingDistribution(
@@ -363,8 +367,9 @@ class MetaValidationState:
 def _check_int(name: str, value: Any, low: int):
   if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
           and value >= low):
-    raise ValueError(f"{_PREFIX}{name}={value!r}; allowed: an integer >= "
-                     f"{low}")
+    raise errors.InvalidArgument(
+        f"{_PREFIX}{name}={value!r}; allowed: an integer >= "
+        f"{low}", f"{_PREFIX}{name}")
 
 
 def _as_numpy(tree: Any, template: Any) -> Any:
@@ -403,12 +408,14 @@ class MetaValidation:
     _check_int("chunk_size", chunk_size, 1)
     model_selection.check_budget(every_n_steps, max_time_fraction, _PREFIX)
     if split not in SPLITS:
-      raise ValueError(f"{_PREFIX}split={split!r}; allowed: {SPLITS}")
+      raise errors.InvalidArgument(
+          f"{_PREFIX}split={split!r}; allowed: {SPLITS}", f"{_PREFIX}split")
     if distribution is None:
       distribution = distribution_from_gin()
     if not isinstance(distribution, MetaTrainingDistribution):
-      raise ValueError(f"{_PREFIX}distribution={distribution!r}; allowed: "
-                       "None or a MetaTrainingDistribution")
+      raise errors.InvalidArgument(
+          f"{_PREFIX}distribution={distribution!r}; allowed: "
+          "None or a MetaTrainingDistribution", f"{_PREFIX}distribution")
     self.num_tasks, self.inner_steps = int(num_tasks), int(inner_steps)
     self.every_n_steps = int(every_n_steps)
     self.max_time_fraction = float(max_time_fraction)

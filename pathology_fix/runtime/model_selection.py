@@ -24,6 +24,8 @@ from typing import Tuple
 
 import flax
 
+from pathology_fix_core import errors
+
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
@@ -46,12 +48,14 @@ def check_budget(every_n_steps: int, max_time_fraction: float,
   """Raises ValueError naming the bad parameter and its allowed values."""
   if not (isinstance(every_n_steps, int) and not isinstance(every_n_steps, bool)
           and every_n_steps >= 1):
-    raise ValueError(f"{prefix}every_n_steps={every_n_steps!r}; allowed: an "
-                     "integer >= 1")
+    raise errors.InvalidArgument(
+        f"{prefix}every_n_steps={every_n_steps!r}; allowed: an "
+        "integer >= 1", f"{prefix}every_n_steps")
   if not (isinstance(max_time_fraction, (int, float)) and
           0.0 < max_time_fraction <= 1.0):
-    raise ValueError(f"{prefix}max_time_fraction={max_time_fraction!r}; "
-                     "allowed: a float in (0, 1]")
+    raise errors.InvalidArgument(
+        f"{prefix}max_time_fraction={max_time_fraction!r}; "
+        "allowed: a float in (0, 1]", f"{prefix}max_time_fraction")
 
 
 @flax.struct.dataclass

@@ -17,81 +17,22 @@ caller's loop body is its per-step callback: logging, checkpoints, early
 stopping (`break`). Keys are derived from the outer step (`step_keys`), so a
 run resumed at step s draws what the uninterrupted run drew.
 
-`paper_outer_optimizer` is the paper's outer optimizer (METHOD.md section 5).
+`learner` builds the GradientLearner with the paper's outer optimizer
+(`optimizers.outer_optimizer`) unless given another.
 """
 
 import dataclasses
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
-import gin
 import jax
 import jax.numpy as jnp
 from learned_optimization.learned_optimizers import base as lopt_base
 from learned_optimization.optimizers import base as opt_base
 from learned_optimization.outer_trainers import gradient_learner
-from pathology_fix import lo_api
+from pathology_fix.lo_boundary import lo_api
+from pathology_fix.optimizers.outer_optimizer import paper_outer_optimizer
 
 PRNGKey = jnp.ndarray
-
-# Outer learning rate per meta-objective (the estimator's meta_loss_split).
-PAPER_OUTER_LEARNING_RATE = {"train": 3e-3, "outer_valid": 3e-4}
-PAPER_OUTER_BETA1 = 0.5
-PAPER_OUTER_GRAD_CLIP = 0.1
-# What configs bound before paper_outer_optimizer existed; it sets these
-# itself, so a leftover binding would silently do nothing.
-_REPLACED_BINDINGS = ("Adam.learning_rate", "Adam.beta1",
-                      "GradientClipOptimizer.grad_clip",
-                      "GradientClipOptimizer.opt")
-
-
-def _reject_replaced_bindings():
-  for name in _REPLACED_BINDINGS:
-    try:
-      value = gin.query_parameter(name)
-    except ValueError:
-      continue  # not bound
-    raise ValueError(
-        f"{name} = {value!r} is bound, but the outer optimizer is "
-        "paper_outer_optimizer, which sets it (beta1 0.5, clip 0.1); bind "
-        "paper_outer_optimizer.learning_rate instead")
-
-
-@gin.configurable
-def paper_outer_optimizer(learning_rate: Optional[float] = None,
-                          meta_loss_split: str = "outer_valid"
-                          ) -> opt_base.Optimizer:
-  """Metz et al. (2019)'s outer optimizer: Adam(beta1 0.5), clip by value 0.1.
-
-  theta <- Adam_{lr, beta1=0.5}(clip(g, -0.1, 0.1)), elementwise clip of the
-  meta-gradient g before Adam's moments.
-
-  Args:
-    learning_rate: Adam's step size; None takes the paper's for
-      `meta_loss_split` (3e-3 training loss, 3e-4 validation loss).
-    meta_loss_split: the meta-objective's split, "train" or "outer_valid";
-      only read when learning_rate is None.
-
-  Returns:
-    LO's GradientClipOptimizer(Adam), the `GradientLearner.theta_opt`.
-
-  Raises:
-    ValueError: a bad learning_rate or meta_loss_split, or a gin binding
-      this function overrides (e.g. `Adam.learning_rate`).
-  """
-  _reject_replaced_bindings()
-  if learning_rate is None:
-    if meta_loss_split not in PAPER_OUTER_LEARNING_RATE:
-      raise ValueError(
-          f"paper_outer_optimizer.meta_loss_split={meta_loss_split!r}; allowed:"
-          f" {sorted(PAPER_OUTER_LEARNING_RATE)} (or set learning_rate)")
-    learning_rate = PAPER_OUTER_LEARNING_RATE[meta_loss_split]
-  if not learning_rate > 0:
-    raise ValueError(
-        f"paper_outer_optimizer.learning_rate={learning_rate!r}; must be > 0")
-  return opt_base.GradientClipOptimizer(
-      opt_base.Adam(learning_rate=learning_rate, beta1=PAPER_OUTER_BETA1),
-      grad_clip=PAPER_OUTER_GRAD_CLIP)
-
 
 @dataclasses.dataclass(frozen=True)
 class StepKeys:

@@ -27,6 +27,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from pathology_fix_core import errors
 from pathology_fix_core import averaging
 
 
@@ -47,8 +48,9 @@ class ThetaEMA:
     except (TypeError, ValueError):
       ok = False
     if not ok:
-      raise ValueError(f"ThetaEMA.decay={decay!r}; allowed: a float in [0, 1) "
-                       "(horizon about 1 / (1 - decay) outer steps)")
+      raise errors.InvalidArgument(
+          f"ThetaEMA.decay={decay!r}; allowed: a float in [0, 1) "
+          "(horizon about 1 / (1 - decay) outer steps)", "ThetaEMA.decay")
     self.decay = float(decay)
     self._update = jax.jit(self._update_impl)
 

@@ -29,12 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from learned_optimization.outer_trainers import gradient_learner
+from pathology_fix_core import errors
 from pathology_fix_core import combine
 from pathology_fix_core import curriculum
-from pathology_fix import inner_problems
-from pathology_fix import lo_api
-from pathology_fix import schedules
-from pathology_fix import unroll
+from pathology_fix.meta_gradient import inner_problems
+from pathology_fix.lo_boundary import lo_api
+from pathology_fix.meta_gradient import schedules
+from pathology_fix.meta_gradient import sharding
+from pathology_fix.meta_gradient import unroll
 from pathology_fix_core import variational
 
 DEFAULT_UNROLL_LENGTH = 20
@@ -52,10 +54,11 @@ def _resolve_unroll_length(name: str, unroll_length: Optional[int],
   if trunc_length is None:
     return DEFAULT_UNROLL_LENGTH if unroll_length is None else unroll_length
   if unroll_length is not None and unroll_length != trunc_length:
-    raise ValueError(
+    raise errors.InvalidArgument(
         f"{name}.unroll_length ({unroll_length!r}) and {name}.trunc_length "
         f"({trunc_length!r}) differ: they are the same parameter (LO's "
-        "TruncatedGrad and TruncatedPES spellings); give one")
+        "TruncatedGrad and TruncatedPES spellings); give one",
+        f"{name}.unroll_length", f"{name}.trunc_length")
   return trunc_length
 
 
@@ -210,20 +213,13 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
                shard_samples: bool = True,
                trunc_length: Optional[int] = None):
     name = type(self).__name__
-    # LO 0.0.1 passes (task_family, learned_opt); main passes a truncated step.
-    task_family, learned_opt, trunc_sched, num_tasks = lo_api.estimator_inputs(
-        name, task_family, learned_opt, trunc_sched, num_tasks)
-    if (isinstance(num_tasks, bool) or
-        not isinstance(num_tasks, (int, np.integer)) or num_tasks < 2):
-      raise ValueError(
-          f"{name}.num_tasks ({num_tasks!r}) must be an integer >= 2: the "
-          "per-coordinate variance over samples divides by n - 1")
-    num_subsets = getattr(task_family, "num_subsets", 1)
-    if num_tasks % num_subsets:
-      raise ValueError(
-          f"{name}.num_tasks ({num_tasks}) must be a multiple of the task "
-          f"family's {num_subsets} class subsets (every_subset_family): "
-          f"sample i reads subset i mod {num_subsets}")
+    # LO 0.0.1 passes (task_family, learned_opt); main passes a truncated step,
+    # whose trunc_sched and num_tasks apply unless bound here.
+    given = lo_api.estimator_inputs(name, task_family, learned_opt)
+    task_family, learned_opt = given.task_family, given.learned_opt
+    trunc_sched = given.trunc_sched if trunc_sched is None else trunc_sched
+    num_tasks = given.num_tasks if num_tasks is None else num_tasks
+    _require_bound(name, trunc_sched=trunc_sched, num_tasks=num_tasks)
     self.sigma = variational.validate_sigma(sigma, name=f"{name}.sigma")
     unroll_length = _resolve_unroll_length(name, unroll_length, trunc_length)
     curriculum.check_steps_per_jit(steps_per_jit, f"{name}.steps_per_jit")
@@ -235,31 +231,35 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
     elif isinstance(truncation_length, schedules.TruncationLength):
       unroll_length = None  # the schedule replaces it
     else:
-      raise TypeError(
+      raise errors.InvalidArgumentType(
           f"{name}.truncation_length ({truncation_length!r}) must be a "
           "schedules.TruncationLength (e.g. @LinearTruncationCurriculum()) or "
-          "None for unroll_length steps every truncation")
+          "None for unroll_length steps every truncation",
+          f"{name}.truncation_length")
     truncation_length.validate(steps_per_jit)
     if meta_loss_split == "outer_valid" and task_family.datasets is None:
-      raise ValueError(
+      raise errors.InvalidArgument(
           f"{name}.meta_loss_split='outer_valid' needs a task family with "
-          f"datasets; {task_family.name} has none (use 'train')")
+          f"datasets; {task_family.name} has none (use 'train')",
+          f"{name}.meta_loss_split")
     self.merge_options = dict(
         rp_pooling=combine.pooling(rp_variance_pooling,
                                    f"{name}.rp_variance_pooling"),
         es_pooling=combine.pooling(es_variance_pooling,
                                    f"{name}.es_variance_pooling"),
         min_samples=_check_min_finite_samples(name, min_finite_samples))
-    if len(self.merged) == 2 and num_tasks < min_finite_samples:
-      raise ValueError(
-          f"{name}.num_tasks ({num_tasks}) must be >= {name}."
-          f"min_finite_samples ({min_finite_samples}): the merge weighs each "
-          "estimator by a variance estimated from its finite samples")
+    # The one name and the one check of the samples per outer step (LO's
+    # and gin's name for it is num_tasks); passed down from here.
+    self.num_samples = _checked_num_samples(
+        name, num_tasks, task_family,
+        min_finite_samples if len(self.merged) == 2 else 2, shard_samples)
+    # The estimator places its samples; the unroller gets the same sharding.
+    self.sharding = sharding.SampleSharding(self.num_samples,
+                                            enabled=shard_samples)
 
     self.task_family = task_family
     self.learned_opt = learned_opt
     self.trunc_sched = trunc_sched
-    self.num_tasks = int(num_tasks)
     self.unroll_length = None if unroll_length is None else int(unroll_length)
     self.steps_per_jit = int(steps_per_jit)
     self.truncation_length = truncation_length
@@ -268,7 +268,8 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
         task_family,
         learned_opt,
         trunc_sched,
-        num_samples=num_tasks,
+        num_samples=self.num_samples,
+        sample_sharding=self.sharding,
         steps_per_jit=steps_per_jit,
         meta_loss_split=meta_loss_split,
         meta_loss_evals=meta_loss_evals,
@@ -277,7 +278,6 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
         rematerialize=rematerialize,
         remat_chunk_threshold=remat_chunk_threshold,
         remat_memory_budget_mb=remat_memory_budget_mb,
-        shard_samples=shard_samples,
         max_num_chunks=max_truncation_chunks(truncation_length, steps_per_jit))
     self._sample_eps = jax.jit(self._sample_split_eps)
     self._finish = jax.jit(self._finish_step)
@@ -301,15 +301,15 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
     per inner run (see variational_lopt.py for the two objectives).
     """
     key_eps = jax.random.split(key, 4)[2]
-    theta, key_eps = self.unroller.sharding.replicate((theta, key_eps))
+    theta, key_eps = self.sharding.replicate((theta, key_eps))
     return self._sample_eps(key_eps, theta)
 
   def _sample_split_eps(self, key, theta):
     # Split like the samples: each device draws only its own eps_i (jax's
     # partitionable threefry gives the same values on any device count).
     eps = variational.sample_perturbations(key, theta, self.sigma,
-                                           num_samples=self.num_tasks)
-    return self.unroller.sharding.constrain(eps, axis=0)
+                                           num_samples=self.num_samples)
+    return self.sharding.constrain(eps, axis=0)
 
   def draw_truncation_length(self, key, outer_iteration: int,
                              steps_left: int) -> int:
@@ -336,7 +336,7 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
     k = self.draw_truncation_length(key_length, outer_state.outer_iteration,
                                     int(steps_left.max()))
     eps = self.perturbations(key, theta)
-    theta = unroller.sharding.replicate(theta)
+    theta = self.sharding.replicate(theta)
     losses, rp_grads, next_state = unroller.truncate(
         theta, eps, state, key_unroll, k, with_rp_grads="rp" in self.merged,
         steps_left=steps_left)
@@ -348,7 +348,7 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
     metrics["mean||truncation_length"] = jnp.asarray(k, jnp.float32)
     metrics["mean||sigma"] = jnp.asarray(self.sigma, jnp.float32)
     # LO's outer loop adds gradients on one device.
-    grad, mean_loss, metrics, unroll_info = unroller.sharding.to_default_device(
+    grad, mean_loss, metrics, unroll_info = self.sharding.to_default_device(
         (grad, mean_loss, metrics, unroll_info))
     return gradient_learner.GradientEstimatorOut(
         mean_loss=mean_loss,
@@ -398,11 +398,52 @@ class VariationalES(VariationalEstimator):
   merged = ("es",)
 
 
+def _require_bound(owner: str, **values):
+  for name, value in values.items():
+    if value is None:
+      raise errors.InvalidArgumentType(
+          f"{owner}.{name} is missing: bind it in gin, e.g. "
+          f"VariationalEstimator.{name} = ...", f"{owner}.{name}")
+
+
+def _checked_num_samples(owner: str, num_tasks, task_family,
+                         min_samples: int, shard_samples: bool) -> int:
+  """num_tasks (samples per outer step), checked once for everything below."""
+  if (isinstance(num_tasks, bool) or
+      not isinstance(num_tasks, (int, np.integer)) or num_tasks < 2):
+    raise errors.InvalidArgument(
+        f"{owner}.num_tasks ({num_tasks!r}) must be an integer >= 2: the "
+        "per-coordinate variance over samples divides by n - 1",
+        f"{owner}.num_tasks")
+  num_subsets = getattr(task_family, "num_subsets", 1)
+  if num_tasks % num_subsets:
+    raise errors.InvalidArgument(
+        f"{owner}.num_tasks ({num_tasks}) must be a multiple of the task "
+        f"family's {num_subsets} class subsets (every_subset_family): "
+        f"sample i reads subset i mod {num_subsets}", f"{owner}.num_tasks")
+  if num_tasks < min_samples:
+    raise errors.InvalidArgument(
+        f"{owner}.num_tasks ({num_tasks}) must be >= {owner}."
+        f"min_finite_samples ({min_samples}): the merge weighs each "
+        "estimator by a variance estimated from its finite samples",
+        f"{owner}.num_tasks", f"{owner}.min_finite_samples")
+  devices = jax.device_count()
+  if shard_samples and jax.process_count() > 1 and num_tasks % devices:
+    example = devices * max(1, num_tasks // devices)
+    raise errors.InvalidArgument(
+        f"{owner}.num_tasks ({num_tasks}) must be a multiple of the "
+        f"{devices} devices of the {jax.process_count()} processes to split "
+        f"the samples across them (e.g. {example})", f"{owner}.num_tasks")
+  return int(num_tasks)
+
+
 def _check_min_finite_samples(name: str, value) -> int:
   if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or
       value < 2):
-    raise ValueError(f"{name}.min_finite_samples ({value!r}) must be an "
-                     "integer >= 2: a variance needs two samples")
+    raise errors.InvalidArgument(
+        f"{name}.min_finite_samples ({value!r}) must be an "
+        "integer >= 2: a variance needs two samples",
+        f"{name}.min_finite_samples")
   return int(value)
 
 
@@ -504,7 +545,7 @@ class NoiseReuseES(VariationalEstimator):
                                     int(steps_left.max()))
     branches = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]),
                                       problems.inner_opt_state, neg_opt)
-    theta = unroller.sharding.replicate(theta)
+    theta = self.sharding.replicate(theta)
     out = unroller.unroll(theta, eps, problems, key_unroll, k,
                           with_rp_grads=False, steps_left=steps_left,
                           branch_opt_states=branches)
@@ -521,7 +562,7 @@ class NoiseReuseES(VariationalEstimator):
         neg_inner_opt_state=jax.tree_util.tree_map(lambda x: x[1],
                                                    out.final_opt_states),
         eps=eps)
-    grad, mean_loss, metrics, unroll_info = unroller.sharding.to_default_device(
+    grad, mean_loss, metrics, unroll_info = self.sharding.to_default_device(
         (grad, mean_loss, metrics, unroll_info))
     return gradient_learner.GradientEstimatorOut(
         mean_loss=mean_loss, grad=grad, unroll_state=next_state,

@@ -16,7 +16,8 @@ from typing import Callable, Optional, Sequence
 import gin
 import jax
 
-from pathology_fix import lo_api
+from pathology_fix_core import errors
+from pathology_fix.lo_boundary import lo_api
 
 
 @gin.configurable
@@ -34,13 +35,16 @@ class EstimatorMixture:
                estimator_fns: Sequence[Callable] = gin.REQUIRED,
                task_family_fns: Optional[Sequence[Optional[Callable]]] = None):
     if not estimator_fns:
-      raise ValueError("EstimatorMixture.estimator_fns must name at least one "
-                       "estimator, e.g. [@HybridRPES, @TruncatedPES]")
+      raise errors.InvalidArgument(
+          "EstimatorMixture.estimator_fns must name at least one "
+          "estimator, e.g. [@HybridRPES, @TruncatedPES]",
+          "EstimatorMixture.estimator_fns")
     if task_family_fns is not None and len(task_family_fns) != len(
         estimator_fns):
-      raise ValueError(
+      raise errors.InvalidArgument(
           f"EstimatorMixture.task_family_fns has {len(task_family_fns)} entries;"
-          f" it needs one per estimator_fns entry ({len(estimator_fns)})")
+          f" it needs one per estimator_fns entry ({len(estimator_fns)})",
+          "EstimatorMixture.task_family_fns")
     self.estimator_fns = list(estimator_fns)
     self.task_family_fns = task_family_fns
     self._built = 0

@@ -1,4 +1,4 @@
-r"""The paper's per-parameter MLP learned optimizer (Metz et al. 2019, sec. 4).
+r"""The paper's per-parameter MLP learned optimizer (Sec. 5; docs/method.md §9).
 
 For every parameter w of every tensor, with gradient g, at inner step t:
 
@@ -39,6 +39,8 @@ import numpy as np
 
 from learned_optimization.learned_optimizers import base as lopt_base
 from learned_optimization.optimizers import base as opt_base
+
+from pathology_fix_core import errors
 
 PRNGKey = jax.Array
 
@@ -162,8 +164,9 @@ class PaperMLPLOptState:
 def _check_positive(name: str, value: Any):
   if not isinstance(value, numbers.Real) or isinstance(value, bool) or not (
       np.isfinite(value) and value > 0):
-    raise ValueError(f"PaperMLPLOpt.{name} must be a positive finite number, "
-                     f"got {value!r}")
+    raise errors.InvalidArgument(
+        f"PaperMLPLOpt.{name} must be a positive finite number, "
+        f"got {value!r}", f"PaperMLPLOpt.{name}")
 
 
 @gin.configurable
@@ -196,16 +199,19 @@ class PaperMLPLOpt(lopt_base.LearnedOptimizer):
     _check_positive("moment_eps", moment_eps)
     if (not isinstance(hidden_size, (int, np.integer)) or
         isinstance(hidden_size, bool) or hidden_size < 1):
-      raise ValueError("PaperMLPLOpt.hidden_size must be a positive int, got "
-                       f"{hidden_size!r}")
+      raise errors.InvalidArgument(
+          "PaperMLPLOpt.hidden_size must be a positive int, got "
+          f"{hidden_size!r}", "PaperMLPLOpt.hidden_size")
     decays = tuple(float(d) for d in decays)
     if not decays or not all(0.0 <= d < 1.0 for d in decays):
-      raise ValueError("PaperMLPLOpt.decays must be a non-empty sequence of "
-                       f"values in [0, 1), got {decays!r}")
+      raise errors.InvalidArgument(
+          "PaperMLPLOpt.decays must be a non-empty sequence of "
+          f"values in [0, 1), got {decays!r}", "PaperMLPLOpt.decays")
     timescales = tuple(float(s) for s in timescales)
     if not all(s > 0 for s in timescales):
-      raise ValueError("PaperMLPLOpt.timescales must be positive, got "
-                       f"{timescales!r}")
+      raise errors.InvalidArgument(
+          "PaperMLPLOpt.timescales must be positive, got "
+          f"{timescales!r}", "PaperMLPLOpt.timescales")
     self.step_mult = float(step_mult)
     self.exp_mult = float(exp_mult)
     self.hidden_size = int(hidden_size)

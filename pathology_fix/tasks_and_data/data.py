@@ -49,6 +49,8 @@ import jax.numpy as jnp
 from learned_optimization.tasks.datasets import base as datasets_base
 import numpy as np
 
+from pathology_fix_core import errors
+
 SPLITS = ("train", "inner_valid", "outer_valid", "test")
 IMAGE_SIZES = (8, 14, 28)
 NORMALIZATIONS = ("unit", "standard")
@@ -73,7 +75,16 @@ VALID_FRACTION = 0.1
 
 
 class DatasetNotFoundError(FileNotFoundError):
-  """A dataset file is missing; the message says how to install it."""
+  """A dataset file is missing; the message says how to install it.
+
+  Like `errors.InvalidArgument`, it names the parameter that points at the
+  files (`message`, `parameters`), so the CLI can show the user's setting.
+  """
+
+  def __init__(self, message: str):
+    super().__init__(message)
+    self.message = message
+    self.parameters = ("data_dir",)
 
 
 # ---------------------------------------------------------------------------
@@ -272,7 +283,8 @@ def _class_split(labels: np.ndarray, classes: Sequence[int],
 
 def _check_choice(name: str, value: Any, allowed: Sequence[Any]):
   if value not in allowed:
-    raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+    raise errors.InvalidArgument(
+        f"{name} must be one of {tuple(allowed)}, got {value!r}", name)
 
 
 def _check_image_size(image_size: Union[int, Sequence[int]],
@@ -281,13 +293,15 @@ def _check_image_size(image_size: Union[int, Sequence[int]],
   size = image_size
   if isinstance(size, (tuple, list)):
     if len(size) != 2 or size[0] != size[1]:
-      raise ValueError(f"{prefix}image_size must be one of "
-                       f"{IMAGE_SIZES} (or a square (n, n) tuple), got "
-                       f"{image_size!r}")
+      raise errors.InvalidArgument(
+          f"{prefix}image_size must be one of "
+          f"{IMAGE_SIZES} (or a square (n, n) tuple), got "
+          f"{image_size!r}", f"{prefix}image_size")
     size = size[0]
   if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
-    raise ValueError(f"{prefix}image_size must be one of {IMAGE_SIZES}, got "
-                     f"{image_size!r}")
+    raise errors.InvalidArgument(
+        f"{prefix}image_size must be one of {IMAGE_SIZES}, got "
+        f"{image_size!r}", f"{prefix}image_size")
   _check_choice(f"{prefix}image_size", int(size), IMAGE_SIZES)
   return int(size)
 
@@ -300,21 +314,24 @@ def _check_classes(classes: Optional[Sequence[int]], num_classes: int,
   try:
     out = tuple(int(c) for c in np.asarray(classes).reshape(-1))
   except (TypeError, ValueError) as e:
-    raise ValueError(f"{prefix}classes must be a sequence of class ids in "
-                     f"[0, {num_classes}), got {classes!r}") from e
+    raise errors.InvalidArgument(
+        f"{prefix}classes must be a sequence of class ids in "
+        f"[0, {num_classes}), got {classes!r}", f"{prefix}classes") from e
   if (len(out) < 2 or len(set(out)) != len(out) or
       any(c < 0 or c >= num_classes for c in out)):
-    raise ValueError(f"{prefix}classes must hold at least 2 distinct class ids "
-                     f"in [0, {num_classes}) (or be None for all), got "
-                     f"{classes!r}")
+    raise errors.InvalidArgument(
+        f"{prefix}classes must hold at least 2 distinct class ids "
+        f"in [0, {num_classes}) (or be None for all), got "
+        f"{classes!r}", f"{prefix}classes")
   return out
 
 
 def _check_batch_size(batch_size: int, prefix: str = "") -> int:
   if (isinstance(batch_size, bool) or
       not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
-    raise ValueError(
-        f"{prefix}batch_size must be an int >= 1, got {batch_size!r}")
+    raise errors.InvalidArgument(
+        f"{prefix}batch_size must be an int >= 1, got {batch_size!r}",
+        f"{prefix}batch_size")
   return int(batch_size)
 
 

@@ -27,8 +27,9 @@ from every process's block. The merge's means and variances over samples are
 all-reduces across processes inside `combine_samples`' jitted step, and what
 leaves the estimator (`to_default_device`) is the same value on every
 process, so LO's outer optimizer keeps theta identical everywhere. In a
-multi-process run n must be divisible by the global device count (an error
-otherwise: no process can run the others' samples).
+multi-process run n must be divisible by the global device count (the
+estimator checks it when it is built: no process can run the others'
+samples).
 """
 
 import warnings
@@ -51,23 +52,17 @@ class SampleSharding:
                num_samples: int,
                enabled: bool = True,
                devices: Optional[Sequence[Any]] = None):
-    multi_process = jax.process_count() > 1
     if devices is None:
       devices = jax.devices() if enabled else jax.local_devices()
     devices = list(devices)
     self.num_samples = int(num_samples)
     self.mesh = None
-    if enabled and multi_process and self.num_samples % len(devices):
-      raise ValueError(
-          f"num_tasks ({self.num_samples}) must be a multiple of the "
-          f"{len(devices)} devices of the {jax.process_count()} processes "
-          "to split the samples across them (e.g. "
-          f"{len(devices) * max(1, self.num_samples // len(devices))})")
     if enabled and len(devices) > 1:
       if self.num_samples % len(devices):
+        # The estimator refuses this when the devices span processes.
         warnings.warn(
-            f"num_tasks ({self.num_samples}) is not divisible by the "
-            f"{len(devices)} local devices: running every sample on "
+            f"the {self.num_samples} samples per outer step are not divisible "
+            f"by the {len(devices)} local devices: running every sample on "
             f"{devices[0]}. Use a multiple of {len(devices)} to shard.",
             stacklevel=2)
       else:

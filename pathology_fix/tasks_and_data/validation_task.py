@@ -15,7 +15,7 @@ family makes LO's estimators optimize the same objective:
   (train, inner_valid, test) it is the task's own loss, so inner training is
   unchanged.
 
-For tasks with the identity normalizer (all of `pathology_fix.tasks`) this is
+For tasks with the identity normalizer (all of `tasks.py` here) this is
 exactly what our estimators compute with the same `meta_loss_evals` and
 `max_loss`; otherwise LO normalizes the clipped mean while ours clip the
 normalized losses. Use it with LO's `train_and_meta=True` (GitHub main:
@@ -32,7 +32,8 @@ import numpy as np
 
 from learned_optimization.tasks import base as tasks_base
 from learned_optimization.tasks.datasets import base as datasets_base
-from pathology_fix import batches
+from pathology_fix_core import errors
+from pathology_fix.meta_gradient import batches
 from pathology_fix_core import objectives
 
 
@@ -66,12 +67,13 @@ class _Stacked:
 def _check(name: str, meta_loss_evals: int, max_loss: float):
   if (isinstance(meta_loss_evals, bool) or not isinstance(meta_loss_evals, int)
       or meta_loss_evals < 1):
-    raise ValueError(f"{name}.meta_loss_evals ({meta_loss_evals!r}) must be "
-                     "an integer >= 1")
+    raise errors.InvalidArgument(
+        f"{name}.meta_loss_evals ({meta_loss_evals!r}) must be "
+        "an integer >= 1", f"{name}.meta_loss_evals")
   try:
     return objectives.validate_max_loss(max_loss)
   except ValueError as e:
-    raise ValueError(f"{name}.max_loss: {e}") from e
+    raise errors.InvalidArgument(f"{name}.max_loss: {e}", f"{name}.max_loss") from e
 
 
 class ValidationMetaLossTask(tasks_base.Task):
@@ -149,9 +151,10 @@ class ValidationMetaLossFamily(tasks_base.TaskFamily):
     self.max_loss = _check("ValidationMetaLossFamily", meta_loss_evals,
                            max_loss)
     if task_family.datasets is None:
-      raise ValueError(
+      raise errors.InvalidArgument(
           f"ValidationMetaLossFamily.task_family ({task_family.name}) has no "
-          "datasets: the validation meta-loss needs outer_valid batches")
+          "datasets: the validation meta-loss needs outer_valid batches",
+          "ValidationMetaLossFamily.task_family")
     self.task_family = task_family
     self.meta_loss_evals = meta_loss_evals
     self.datasets = datasets or wrap_datasets(task_family.datasets,

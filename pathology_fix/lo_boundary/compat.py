@@ -1,32 +1,17 @@
-"""Makes learned-optimization 0.0.1 (March 2022) import and run on current JAX.
+"""How `lo_boundary.apply()` makes learned_optimization run on current JAX.
 
-Applied once by `import pathology_fix`, before anything imports
-`learned_optimization` (LO). Nothing on disk is modified: removed names are
-restored as attributes, and packages LO imports but does not need for
-single-machine work get stand-ins that exist only while LO modules execute.
-
-| name LO uses                          | replacement                          | why |
-|---------------------------------------|--------------------------------------|-----|
-| jax.tree_map                          | jax.tree_util.tree_map               | removed in jax 0.6 |
-| jax.tree_multimap                     | jax.tree_util.tree_map               | removed in jax 0.3.16; tree_map takes several trees |
-| jax.tree_leaves / tree_flatten / tree_unflatten / tree_structure | jax.tree_util.* | removed in jax 0.6 |
-| jax.ShapedArray                       | jax.core.ShapedArray                 | top-level alias removed |
-| jax.lib.xla_client.Device             | jax.Device                           | xla_client no longer exposed; LO evaluates it in annotations at import |
-| numpy.product                         | numpy.prod                           | removed in numpy 2.0 |
-| flax orbax checkpoint default         | flax_use_orbax_checkpointing=False   | LO's checkpoints.load_state opens `params_N` as a file |
-| tensorflow, tensorflow.compat.v2, tensorflow_datasets | stand-in while LO modules execute | imported at module level by summary.py and tasks/datasets; only used inside functions |
-| flax.metrics.tensorboard              | `pathology_fix.runtime.tensorboard_writer`   | needs TF and tensorboard; summaries go through tensorboardX instead |
-| courier (dm-launchpad)                | `pathology_fix.runtime.inprocess_courier` while LO modules execute | no build for this Python; LO's learner/worker servers then run as threads of one process |
-| summary.TensorboardWriter / JaxboardWriter (LO main) | `pathology_fix.runtime.tensorboard_writer.SummaryWriter` | main writes with `tf.summary` instead of flax's writer |
-| setup_experiment turning jax_log_compiles on (LO main) | the previous value restored after it | hundreds of "Compiling ..." warnings per run |
-
-LO main is told from 0.0.1 by its features (see `lo_api`); each fix above
-checks for the name it replaces, so one layer serves both.
+What it patches is listed in one place, the `pathology_fix.lo_boundary`
+docstring. This module holds the mechanism: removed names are restored as
+attributes, and packages LO imports but does not need for single-machine
+work get stand-ins that exist only while LO modules execute. Nothing on disk
+is modified.
 
 Stand-ins are visible only while an LO module executes: a global fake
 `tensorflow` in sys.modules breaks flax.io and etils, which probe for it.
 Using a stand-in (e.g. `tfds.load`) raises `MissingDependencyError`, which says
 what to install. When the real package is installed it is used instead.
+LO main is told from 0.0.1 by its features (see `lo_api`); each fix checks
+for the name it replaces, so one layer serves both.
 """
 
 import importlib.abc
@@ -50,7 +35,7 @@ _INSTALL_HINTS = {
         "tfds datasets and TF summary writer)",
     "tensorflow_datasets":
         "pip install tensorflow-cpu tensorflow-datasets (LO's image and text "
-        "tasks load data with tfds; offline data is in pathology_fix.data)",
+        "tasks load data with tfds; offline data is in pathology_fix.tasks_and_data.data)",
 }
 # Called by LO at import time; harmless to skip without TensorFlow.
 _NO_OP_ATTRIBUTES = {"enable_v2_behavior"}
@@ -119,13 +104,13 @@ def _make_stand_ins():
         "tensorflow.compat.v2": tf_v2,
     })
   if not _is_installed("tensorflow") or not _is_installed("tensorboard"):
-    from pathology_fix.runtime import tensorboard_writer  # pylint: disable=g-import-not-at-top
+    from pathology_fix.lo_boundary import tensorboard_writer  # pylint: disable=g-import-not-at-top
     modules["flax.metrics.tensorboard"] = tensorboard_writer
   if not _is_installed("tensorflow_datasets"):
     modules["tensorflow_datasets"] = _StandInModule("tensorflow_datasets",
                                                     "tensorflow_datasets")
   if not _is_installed("courier"):
-    from pathology_fix.runtime import inprocess_courier  # pylint: disable=g-import-not-at-top
+    from pathology_fix.lo_boundary import inprocess_courier  # pylint: disable=g-import-not-at-top
     modules["courier"] = inprocess_courier
   return modules
 
@@ -163,7 +148,7 @@ def _use_tensorboardx_writer(summary_module):
   """LO main's summary writers need TensorFlow; 0.0.1's is flax's (stood in)."""
   if "TensorboardWriter" in summary_module.__dict__ and (
       not _is_installed("tensorflow") or not _is_installed("tensorboard")):
-    from pathology_fix.runtime import tensorboard_writer  # pylint: disable=g-import-not-at-top
+    from pathology_fix.lo_boundary import tensorboard_writer  # pylint: disable=g-import-not-at-top
     summary_module.TensorboardWriter = tensorboard_writer.SummaryWriter
     summary_module.JaxboardWriter = tensorboard_writer.SummaryWriter
 

@@ -20,13 +20,17 @@ which rewrites the 0.0.1 bindings above, so the shipped configs (and users'
 0.0.1 configs) run on both; scoped bindings fail with one clear error.
 """
 
+import contextlib
+import dataclasses
 import importlib.util
 import io
 import os
 import re
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import gin
+
+from pathology_fix_core import errors
 
 IS_MAIN = importlib.util.find_spec(
     "learned_optimization.outer_trainers.truncated_step") is not None
@@ -47,38 +51,44 @@ def _is_truncated_step(value) -> bool:
       not hasattr(value, "sample"))
 
 
-def estimator_inputs(owner: str, first, learned_opt, trunc_sched,
-                     num_tasks) -> Tuple[Any, Any, Any, Any]:
-  """(task_family, learned_opt, trunc_sched, num_tasks) from either API's call.
+@dataclasses.dataclass(frozen=True)
+class EstimatorInputs:
+  """What either LO's call hands an estimator.
 
-  0.0.1 builds an estimator as `fn(task_family, learned_opt)`, main as
-  `fn(truncated_step)`; from a truncated step, `trunc_sched` and `num_tasks`
-  default to the step's own when the estimator has none bound.
+  trunc_sched and num_tasks are the truncated step's (main), or None when
+  there is none (0.0.1's call, or a `LazyLOptTruncatedStep`); an estimator's
+  own bindings take precedence over them.
+  """
+  task_family: Any
+  learned_opt: Any
+  trunc_sched: Any = None
+  num_tasks: Optional[int] = None
+
+
+def estimator_inputs(owner: str, first, learned_opt) -> EstimatorInputs:
+  """Unpacks `fn(task_family, learned_opt)` (0.0.1) or `fn(truncated_step)` (main).
 
   Raises:
-    TypeError / ValueError naming `<owner>.<argument>`.
+    TypeError naming `<owner>.learned_opt` when there is none, or when a
+    truncated step comes with a different one.
   """
+  trunc_sched = num_tasks = None
   if _is_truncated_step(first):
     step = first
     if learned_opt is not None and learned_opt is not step.learned_opt:
-      raise TypeError(
+      raise errors.InvalidArgumentType(
           f"{owner}: got a truncated_step and a different learned_opt; pass "
-          "one or the other")
+          "one or the other", f"{owner}.learned_opt")
     learned_opt = step.learned_opt
     if not isinstance(step, LazyLOptTruncatedStep):
-      trunc_sched = step.trunc_sched if trunc_sched is None else trunc_sched
-      num_tasks = step.num_tasks if num_tasks is None else num_tasks
+      trunc_sched, num_tasks = step.trunc_sched, step.num_tasks
     first = step.task_family
   if learned_opt is None:
-    raise TypeError(
+    raise errors.InvalidArgumentType(
         f"{owner}.learned_opt is missing: build it as {owner}(task_family, "
         f"learned_opt, ...) (learned_optimization 0.0.1) or "
-        f"{owner}(truncated_step, ...) (GitHub main)")
-  for name, value in (("trunc_sched", trunc_sched), ("num_tasks", num_tasks)):
-    if value is None:
-      raise TypeError(f"{owner}.{name} is missing: bind it in gin, e.g. "
-                      f"VariationalEstimator.{name} = ...")
-  return first, learned_opt, trunc_sched, num_tasks
+        f"{owner}(truncated_step, ...) (GitHub main)", f"{owner}.learned_opt")
+  return EstimatorInputs(first, learned_opt, trunc_sched, num_tasks)
 
 
 @gin.configurable
@@ -189,11 +199,28 @@ def maybe_resample_gradient_estimators(
       kwargs["sample_estimators_fn"] = sample_estimators_fn
     kwargs["worker_id"] = worker_id
   elif sample_estimators_fn is not None:
-    raise ValueError(
+    raise errors.InvalidArgument(
         "resumable_local_train.sample_estimators_fn needs learned_optimization "
-        "GitHub main; 0.0.1 always resamples with build_gradient_estimators")
+        "GitHub main; 0.0.1 always resamples with build_gradient_estimators",
+        "sample_estimators_fn")
   return outer_train.maybe_resample_gradient_estimators(
       learned_opt, gradient_estimators, unroll_states, **kwargs)
+
+
+@contextlib.contextmanager
+def local_train_replaced_by(local_train: Callable[..., Any]) -> Iterator[None]:
+  """Makes LO's `run_train` call `local_train` inside the block.
+
+  `run_train` looks `outer_train.local_train` up by global name when it runs
+  (0.0.1 and main), so swapping the module attribute is enough.
+  """
+  from learned_optimization import outer_train  # pylint: disable=g-import-not-at-top
+  original = outer_train.local_train
+  outer_train.local_train = local_train
+  try:
+    yield
+  finally:
+    outer_train.local_train = original
 
 
 # ----------------------------------------------------------------------- gin

@@ -9,7 +9,7 @@ run of T steps, p_t = clip(t / T, 0, 1). T is the `num_steps` that LO's
 versions' truncated steps, our estimators' inner problems, the evaluation
 loop and `pretrained.lopt_to_optax` pass the inner run's length there); it is
 kept in the optimizer state. The constructor's `num_steps` is the fallback
-for callers that pass none. (The paper's MLP optimizer, sec. 4 and
+for callers that pass none. (The paper's MLP optimizer, docs/method.md §9 and
 `paper_lopt.py`, sees only the absolute step, through tanh(t / eta - 1).)
 An estimator's `random_initial_iteration_offset` moves only the estimator's
 own step count, so a sample's first, staggered run starts here at t = 0 and
@@ -55,6 +55,8 @@ import numpy as np
 
 from learned_optimization.learned_optimizers import base as lopt_base
 from learned_optimization.optimizers import base as opt_base
+
+from pathology_fix_core import errors
 
 PRNGKey = jax.Array
 
@@ -135,8 +137,9 @@ def _positive(owner: str, name: str, value: Any, allow_zero=False) -> float:
         np.isfinite(value) and (value >= 0 if allow_zero else value > 0))
   if not ok:
     kind = "non-negative" if allow_zero else "positive"
-    raise ValueError(f"{owner}.{name} must be a {kind} finite number, got "
-                     f"{value!r}")
+    raise errors.InvalidArgument(
+        f"{owner}.{name} must be a {kind} finite number, got "
+        f"{value!r}", f"{owner}.{name}")
   return float(value)
 
 
@@ -148,17 +151,19 @@ def validate_knots(knots: Any) -> Tuple[float, ...]:
     values = None
   if (values is None or len(values) < 2 or values[0] != 0.0 or
       values[-1] != 1.0 or any(b <= a for a, b in zip(values, values[1:]))):
-    raise ValueError("ProgressAdam.knots must be >= 2 strictly increasing "
-                     f"numbers from 0.0 to 1.0, got {knots!r}")
+    raise errors.InvalidArgument(
+        "ProgressAdam.knots must be >= 2 strictly increasing "
+        f"numbers from 0.0 to 1.0, got {knots!r}", "ProgressAdam.knots")
   return values
 
 
 def _beta(name: str, value: Any) -> float:
   if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and
           1.0 - MAX_ONE_MINUS_BETA <= value <= 1.0 - MIN_ONE_MINUS_BETA):
-    raise ValueError(f"ProgressAdam.{name} must be in "
-                     f"[{1.0 - MAX_ONE_MINUS_BETA:g}, "
-                     f"{1.0 - MIN_ONE_MINUS_BETA:g}], got {value!r}")
+    raise errors.InvalidArgument(
+        f"ProgressAdam.{name} must be in "
+        f"[{1.0 - MAX_ONE_MINUS_BETA:g}, "
+        f"{1.0 - MIN_ONE_MINUS_BETA:g}], got {value!r}", f"ProgressAdam.{name}")
   return float(value)
 
 
@@ -167,8 +172,9 @@ def _num_steps(owner: str, value: Any) -> Optional[int]:
     return None
   if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or
       value < 1):
-    raise ValueError(f"{owner} must be None or an integer >= 1, got "
-                     f"{value!r}")
+    raise errors.InvalidArgument(
+        f"{owner} must be None or an integer >= 1, got "
+        f"{value!r}", owner)
   return int(value)
 
 
@@ -281,9 +287,9 @@ class ProgressAdam(lopt_base.LearnedOptimizer):
     if num_steps is None:
       num_steps = self.num_steps
     if num_steps is None:
-      raise ValueError(
+      raise errors.InvalidArgument(
           "ProgressAdam needs the inner run's length: pass num_steps= to "
-          "opt.init, or bind ProgressAdam.num_steps")
+          "opt.init, or bind ProgressAdam.num_steps", "ProgressAdam.num_steps")
     if isinstance(num_steps, numbers.Number):
       _num_steps("ProgressAdam: opt.init's num_steps", num_steps)
     zeros = jax.tree_util.tree_map(

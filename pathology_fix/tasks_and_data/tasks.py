@@ -3,7 +3,7 @@
 Metz et al. (2019) meta-train on 10-way 32x32 ImageNet class subsets (700
 meta-training / 300 held-out classes) with a 3-layer CNN, and evaluate on
 MLPs and a 6-layer CNN on MNIST. Offline, this module uses Fashion-MNIST and
-scikit-learn's digits (`pathology_fix.data`) instead:
+scikit-learn's digits (`data.py` here) instead:
 
 | role                | data                                  | networks |
 |---------------------|---------------------------------------|----------|
@@ -56,8 +56,9 @@ from learned_optimization.tasks.fixed import conv
 from learned_optimization.tasks.fixed import image_mlp
 import numpy as np
 
-from pathology_fix import batches
-from pathology_fix import data
+from pathology_fix_core import errors
+from pathology_fix.meta_gradient import batches
+from pathology_fix.tasks_and_data import data
 
 PRNGKey = jax.Array
 
@@ -114,8 +115,10 @@ class ConvPoolTask(conv._ConvTask):  # pylint: disable=protected-access
                activation: Callable[[jax.Array], jax.Array] = jax.nn.relu,
                name: Optional[str] = None):
     if len(channels) != len(strides) or not channels:
-      raise ValueError("channels and strides must be non-empty and of equal "
-                       f"length, got {tuple(channels)} and {tuple(strides)}")
+      raise errors.InvalidArgument(
+          "channels and strides must be non-empty and of equal "
+          f"length, got {tuple(channels)} and {tuple(strides)}",
+          "ConvPoolTask.channels", "ConvPoolTask.strides")
     num_classes = datasets.extra_info["num_classes"]
     super().__init__(
         _conv_pool_loss_fn(tuple(channels), tuple(strides), kernel_size,
@@ -152,8 +155,10 @@ class MLPTask(image_mlp._MLPImageTask):  # pylint: disable=protected-access
 
 def _check_architecture(architecture: str, prefix: str = ""):
   if architecture not in ARCHITECTURES:
-    raise ValueError(f"{prefix}architecture must be one of "
-                     f"{tuple(ARCHITECTURES)}, got {architecture!r}")
+    raise errors.InvalidArgument(
+        f"{prefix}architecture must be one of "
+        f"{tuple(ARCHITECTURES)}, got {architecture!r}",
+        f"{prefix}architecture")
 
 
 def default_image_size(architecture: str) -> int:
@@ -174,8 +179,9 @@ def make_task(architecture: str, datasets: data.OfflineImageDatasets,
 
 def _dataset_fn(dataset: str, prefix: str = ""):
   if dataset not in data.DATASET_FNS:
-    raise ValueError(f"{prefix}dataset must be one of "
-                     f"{tuple(data.DATASET_FNS)}, got {dataset!r}")
+    raise errors.InvalidArgument(
+        f"{prefix}dataset must be one of "
+        f"{tuple(data.DATASET_FNS)}, got {dataset!r}", f"{prefix}dataset")
   return data.DATASET_FNS[dataset]
 
 
@@ -208,9 +214,21 @@ def paper_task(architecture: str = "conv3",
                   datasets.extra_info["classes"]))
 
 
-@gin.configurable
+# The pool a family draws its classes from when none is given.
+DEFAULT_POOLS = {"fashion_mnist": "train", "digits": "all"}
+
+
+@gin.configurable(denylist=["owner"])
 class ClassSubsetFamily(base.TaskFamily):
-  """Tasks on one fixed class subset; tasks differ only in initialization.
+  """Tasks on one fixed class subset of `dataset`; tasks differ only in initialization.
+
+  The subset is `classes` (class ids), or, when None, `num_classes_per_task`
+  classes drawn by `seed` from `classes_pool`: "train" ({0..4}, meta-training),
+  "heldout" ({5..9}), "all", or explicit ids; the default pool is
+  "train" for Fashion-MNIST and "all" for digits. `seed` also picks the
+  batch order. Error messages name the family `owner` (default: the class's
+  name; the gin names `FashionMnistClassSubsetFamily` and
+  `DigitsClassSubsetFamily` pass their own).
 
   `sample(key)` -> int32 [k]: the original class ids (label i is classes[i]),
   identical for every key. `task_fn(cfg)` -> the family's single Task (data
@@ -219,19 +237,27 @@ class ClassSubsetFamily(base.TaskFamily):
   """
 
   def __init__(self,
-               classes: Sequence[int],
+               classes: Optional[Sequence[int]] = None,
                dataset: str = "fashion_mnist",
                architecture: str = "conv3",
                image_size: Optional[int] = None,
                batch_size: int = 128,
                normalization: str = "unit",
                seed: int = 0,
-               name: Optional[str] = None):
+               name: Optional[str] = None,
+               classes_pool: Union[str, Sequence[int], None] = None,
+               num_classes_per_task: int = 3,
+               owner: Optional[str] = None):
     super().__init__()
-    prefix = f"{type(self).__name__}."
+    prefix = f"{owner or type(self).__name__}."
+    dataset_fn = _dataset_fn(dataset, prefix)
+    if classes is None:
+      classes = draw_classes(
+          DEFAULT_POOLS[dataset] if classes_pool is None else classes_pool,
+          num_classes_per_task, seed, prefix)
     _check_architecture(architecture, prefix)  # before loading any data
     size = image_size or default_image_size(architecture)
-    self.datasets = _dataset_fn(dataset, prefix)(
+    self.datasets = dataset_fn(
         batch_size=batch_size, image_size=size, classes=classes,
         normalization=normalization, seed=seed)
     self.classes = tuple(self.datasets.extra_info["classes"])
@@ -261,9 +287,10 @@ def _resolve_pool(classes_pool: Union[str, Sequence[int]],
                   prefix: str = "") -> Tuple[int, ...]:
   if isinstance(classes_pool, str):
     if classes_pool not in CLASS_POOLS:
-      raise ValueError(f"{prefix}classes_pool must be one of "
-                       f"{tuple(CLASS_POOLS)} or a sequence of class ids, got "
-                       f"{classes_pool!r}")
+      raise errors.InvalidArgument(
+          f"{prefix}classes_pool must be one of "
+          f"{tuple(CLASS_POOLS)} or a sequence of class ids, got "
+          f"{classes_pool!r}", f"{prefix}classes_pool")
     return CLASS_POOLS[classes_pool]
   return tuple(int(c) for c in classes_pool)
 
@@ -271,9 +298,10 @@ def _resolve_pool(classes_pool: Union[str, Sequence[int]],
 def _check_num_classes(num_classes_per_task: int, pool: Tuple[int, ...],
                        prefix: str = ""):
   if not 2 <= num_classes_per_task <= len(pool):
-    raise ValueError(f"{prefix}num_classes_per_task must be in "
-                     f"[2, {len(pool)}] for pool {pool}, got "
-                     f"{num_classes_per_task!r}")
+    raise errors.InvalidArgument(
+        f"{prefix}num_classes_per_task must be in "
+        f"[2, {len(pool)}] for pool {pool}, got "
+        f"{num_classes_per_task!r}", f"{prefix}num_classes_per_task")
 
 
 def draw_classes(classes_pool: Union[str, Sequence[int]],
@@ -290,50 +318,43 @@ def draw_classes(classes_pool: Union[str, Sequence[int]],
                                           replace=False))
 
 
+# Gin names of 0.1 (configs bind them): the one family on each dataset.
 @gin.configurable
-class FashionMnistClassSubsetFamily(ClassSubsetFamily):
-  """ClassSubsetFamily on k Fashion-MNIST classes drawn (by seed) from a pool.
-
-  classes_pool: "train" ({0..4}, meta-training), "heldout" ({5..9}), "all",
-  or explicit class ids. `seed` picks the classes and the batch order.
-  """
-
-  def __init__(self,
-               classes_pool: Union[str, Sequence[int]] = "train",
-               num_classes_per_task: int = 3,
-               architecture: str = "conv3",
-               image_size: Optional[int] = None,
-               batch_size: int = 128,
-               normalization: str = "unit",
-               seed: int = 0,
-               name: Optional[str] = None):
-    super().__init__(
-        draw_classes(classes_pool, num_classes_per_task, seed,
-                     f"{type(self).__name__}."),
-        dataset="fashion_mnist", architecture=architecture,
-        image_size=image_size, batch_size=batch_size,
-        normalization=normalization, seed=seed, name=name)
+def FashionMnistClassSubsetFamily(  # pylint: disable=invalid-name
+    classes_pool: Union[str, Sequence[int]] = "train",
+    num_classes_per_task: int = 3,
+    architecture: str = "conv3",
+    image_size: Optional[int] = None,
+    batch_size: int = 128,
+    normalization: str = "unit",
+    seed: int = 0,
+    name: Optional[str] = None) -> ClassSubsetFamily:
+  """`ClassSubsetFamily` on k Fashion-MNIST classes drawn (by seed) from a pool."""
+  return ClassSubsetFamily(
+      dataset="fashion_mnist", classes_pool=classes_pool,
+      num_classes_per_task=num_classes_per_task, architecture=architecture,
+      image_size=image_size, batch_size=batch_size,
+      normalization=normalization, seed=seed, name=name,
+      owner="FashionMnistClassSubsetFamily")
 
 
 @gin.configurable
-class DigitsClassSubsetFamily(ClassSubsetFamily):
-  """ClassSubsetFamily on k digit classes drawn (by seed) from {0..9}."""
-
-  def __init__(self,
-               classes_pool: Union[str, Sequence[int]] = "all",
-               num_classes_per_task: int = 3,
-               architecture: str = "conv3",
-               image_size: Optional[int] = None,
-               batch_size: int = 128,
-               normalization: str = "unit",
-               seed: int = 0,
-               name: Optional[str] = None):
-    super().__init__(
-        draw_classes(classes_pool, num_classes_per_task, seed,
-                     f"{type(self).__name__}."),
-        dataset="digits", architecture=architecture, image_size=image_size,
-        batch_size=batch_size, normalization=normalization, seed=seed,
-        name=name)
+def DigitsClassSubsetFamily(  # pylint: disable=invalid-name
+    classes_pool: Union[str, Sequence[int]] = "all",
+    num_classes_per_task: int = 3,
+    architecture: str = "conv3",
+    image_size: Optional[int] = None,
+    batch_size: int = 128,
+    normalization: str = "unit",
+    seed: int = 0,
+    name: Optional[str] = None) -> ClassSubsetFamily:
+  """`ClassSubsetFamily` on k digit classes drawn (by seed) from {0..9}."""
+  return ClassSubsetFamily(
+      dataset="digits", classes_pool=classes_pool,
+      num_classes_per_task=num_classes_per_task, architecture=architecture,
+      image_size=image_size, batch_size=batch_size,
+      normalization=normalization, seed=seed, name=name,
+      owner="DigitsClassSubsetFamily")
 
 
 class RoundRobin:
@@ -427,7 +448,7 @@ def sample_fashion_mnist_family(
     architecture: str = "conv3",
     image_size: Optional[int] = None,
     batch_size: int = 128,
-    normalization: str = "unit") -> FashionMnistClassSubsetFamily:
+    normalization: str = "unit") -> ClassSubsetFamily:
   """A `sample_task_family_fn`: a family on a new class subset per key."""
   return FashionMnistClassSubsetFamily(
       classes_pool=class_pool, num_classes_per_task=num_classes_per_task,
@@ -444,7 +465,7 @@ def sample_digits_family(key: PRNGKey,
                          image_size: Optional[int] = None,
                          batch_size: int = 128,
                          normalization: str = "unit"
-                        ) -> DigitsClassSubsetFamily:
+                        ) -> ClassSubsetFamily:
   """A `sample_task_family_fn` over digit class subsets (held out)."""
   return DigitsClassSubsetFamily(
       classes_pool=class_pool, num_classes_per_task=num_classes_per_task,

@@ -7,7 +7,7 @@ TruncatedES or TruncatedPES run on the wrapped optimizer then estimate the
 gradient of the smoothed objective L~(theta) = E_eps[L(theta + eps)]: eps does
 not depend on theta, so d/dtheta of L(theta + eps) is the RP sample.
 
-Two smoothed objectives (issue 9.4): the wrapper and our estimators
+Two smoothed objectives: the wrapper and our estimators
 (`estimators.HybridRPES`, `VariationalRP`, `VariationalES`) differ in how long
 one eps lives.
 

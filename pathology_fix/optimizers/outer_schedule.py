@@ -1,7 +1,7 @@
 """The paper's outer optimizer with a learning-rate schedule over outer steps.
 
-`outer_loop.paper_outer_optimizer` is Metz et al. (2019)'s outer optimizer
-(METHOD.md section 5): Adam with beta1 = 0.5 on the meta-gradient clipped by
+`outer_optimizer.paper_outer_optimizer` is Metz et al. (2019)'s outer optimizer
+(`docs/method.md` §8): Adam with beta1 = 0.5 on the meta-gradient clipped by
 value at 0.1, at a constant learning rate. `scheduled_outer_optimizer` keeps
 all of it and multiplies the step size by a schedule of the outer step t
 (t = 0 for the first update):
@@ -25,7 +25,6 @@ It is a LO `Optimizer` (a `GradientClipOptimizer` around an optax-based LO
 optimizer, on LO 0.0.1 and LO main), so it is the GradientLearner's theta
 optimizer in gin:
 
-  import pathology_fix.runtime.outer_schedule
   GradientLearner.theta_opt = @scheduled_outer_optimizer()
   scheduled_outer_optimizer.schedule = "cosine"
   scheduled_outer_optimizer.total_steps = 400
@@ -50,7 +49,8 @@ import jax.numpy as jnp
 from learned_optimization.optimizers import base as opt_base
 import optax
 
-from pathology_fix.runtime import outer_loop
+from pathology_fix_core import errors
+from pathology_fix.optimizers import outer_optimizer
 
 SCHEDULES = ("constant", "cosine", "linear")
 ADAM_BETA2 = 0.999
@@ -100,26 +100,33 @@ def check_schedule(learning_rate, schedule, total_steps, warmup_steps,
   """Raises ValueError naming the bad parameter and its allowed values."""
   if not (isinstance(learning_rate, (int, float)) and
           math.isfinite(learning_rate) and learning_rate > 0):
-    raise ValueError(f"{prefix}learning_rate={learning_rate!r}; allowed: a "
-                     "finite float > 0")
+    raise errors.InvalidArgument(
+        f"{prefix}learning_rate={learning_rate!r}; allowed: a "
+        "finite float > 0", f"{prefix}learning_rate")
   if schedule not in SCHEDULES:
-    raise ValueError(f"{prefix}schedule={schedule!r}; allowed: {SCHEDULES}")
+    raise errors.InvalidArgument(
+        f"{prefix}schedule={schedule!r}; allowed: {SCHEDULES}",
+        f"{prefix}schedule")
   if not (_is_int(warmup_steps) and warmup_steps >= 0):
-    raise ValueError(f"{prefix}warmup_steps={warmup_steps!r}; allowed: an "
-                     "integer >= 0")
+    raise errors.InvalidArgument(
+        f"{prefix}warmup_steps={warmup_steps!r}; allowed: an "
+        "integer >= 0", f"{prefix}warmup_steps")
   if schedule != "constant":
     if not (_is_int(total_steps) and total_steps > warmup_steps):
-      raise ValueError(
+      raise errors.InvalidArgument(
           f"{prefix}total_steps={total_steps!r}; allowed: an integer > "
-          f"warmup_steps ({warmup_steps}) for schedule {schedule!r}")
+          f"warmup_steps ({warmup_steps}) for schedule {schedule!r}",
+          f"{prefix}total_steps")
     if not (isinstance(final_fraction, (int, float)) and
             0.0 <= final_fraction <= 1.0):
-      raise ValueError(f"{prefix}final_fraction={final_fraction!r}; allowed: "
-                       "a float in [0, 1]")
+      raise errors.InvalidArgument(
+          f"{prefix}final_fraction={final_fraction!r}; allowed: "
+          "a float in [0, 1]", f"{prefix}final_fraction")
   elif total_steps is not None and not (_is_int(total_steps) and
                                         total_steps >= 1):
-    raise ValueError(f"{prefix}total_steps={total_steps!r}; allowed: None or "
-                     "an integer >= 1")
+    raise errors.InvalidArgument(
+        f"{prefix}total_steps={total_steps!r}; allowed: None or "
+        "an integer >= 1", f"{prefix}total_steps")
 
 
 def _optax_optimizer_class():
@@ -141,12 +148,12 @@ class ScheduledOuterOptimizer(opt_base.GradientClipOptimizer):
     if schedule.is_constant:
       # Exactly paper_outer_optimizer's inner optimizer and state structure.
       adam = opt_base.Adam(learning_rate=schedule.learning_rate,
-                           beta1=outer_loop.PAPER_OUTER_BETA1)
+                           beta1=outer_optimizer.PAPER_OUTER_BETA1)
     else:
       adam = _optax_optimizer_class()(optax.adam(
-          learning_rate=schedule, b1=outer_loop.PAPER_OUTER_BETA1,
+          learning_rate=schedule, b1=outer_optimizer.PAPER_OUTER_BETA1,
           b2=ADAM_BETA2, eps=ADAM_EPSILON, eps_root=ADAM_EPSILON))
-    super().__init__(adam, grad_clip=outer_loop.PAPER_OUTER_GRAD_CLIP)
+    super().__init__(adam, grad_clip=outer_optimizer.PAPER_OUTER_GRAD_CLIP)
     self.schedule = schedule
 
   def learning_rate(self, step) -> float:
@@ -195,15 +202,15 @@ def scheduled_outer_optimizer(learning_rate: Optional[float] = None,
     ValueError: naming the bad parameter and its allowed values, or a gin
       binding this function overrides (e.g. `Adam.learning_rate`).
   """
-  outer_loop._reject_replaced_bindings()  # pylint: disable=protected-access
+  outer_optimizer._reject_replaced_bindings()  # pylint: disable=protected-access
   if learning_rate is None:
     learning_rate = _bound_paper_learning_rate()
   if learning_rate is None:
-    if meta_loss_split not in outer_loop.PAPER_OUTER_LEARNING_RATE:
-      raise ValueError(
+    if meta_loss_split not in outer_optimizer.PAPER_OUTER_LEARNING_RATE:
+      raise errors.InvalidArgument(
           f"{_PREFIX}meta_loss_split={meta_loss_split!r}; allowed: "
-          f"{sorted(outer_loop.PAPER_OUTER_LEARNING_RATE)} (or set "
-          "learning_rate)")
-    learning_rate = outer_loop.PAPER_OUTER_LEARNING_RATE[meta_loss_split]
+          f"{sorted(outer_optimizer.PAPER_OUTER_LEARNING_RATE)} (or set "
+          "learning_rate)", f"{_PREFIX}meta_loss_split")
+    learning_rate = outer_optimizer.PAPER_OUTER_LEARNING_RATE[meta_loss_split]
   return ScheduledOuterOptimizer(OuterSchedule(
       learning_rate, schedule, total_steps, warmup_steps, final_fraction))

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pathology_fix_core import errors
 from pathology_fix_core import variational
 
 REMATERIALIZE_CHOICES = (True, False, "auto")
@@ -76,14 +77,17 @@ def _tree_add(a, b):
 def validate_remat_options(rematerialize, remat_chunk_threshold,
                            remat_memory_budget_mb):
   if not (isinstance(rematerialize, bool) or rematerialize == "auto"):
-    raise ValueError(f"rematerialize ({rematerialize!r}) must be one of "
-                     f"{REMATERIALIZE_CHOICES}")
+    raise errors.InvalidArgument(
+        f"rematerialize ({rematerialize!r}) must be one of "
+        f"{REMATERIALIZE_CHOICES}", "rematerialize")
   if int(remat_chunk_threshold) < 0:
-    raise ValueError(
-        f"remat_chunk_threshold ({remat_chunk_threshold}) must be >= 0")
+    raise errors.InvalidArgument(
+        f"remat_chunk_threshold ({remat_chunk_threshold}) must be >= 0",
+        "remat_chunk_threshold")
   if remat_memory_budget_mb is not None and not remat_memory_budget_mb > 0:
-    raise ValueError(
-        f"remat_memory_budget_mb ({remat_memory_budget_mb}) must be > 0")
+    raise errors.InvalidArgument(
+        f"remat_memory_budget_mb ({remat_memory_budget_mb}) must be > 0",
+        "remat_memory_budget_mb")
 
 
 class ChunkedVJP:

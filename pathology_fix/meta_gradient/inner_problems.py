@@ -27,7 +27,8 @@ import numpy as np
 
 from learned_optimization import training
 from learned_optimization.outer_trainers import gradient_learner
-from pathology_fix import batches
+from pathology_fix_core import errors
+from pathology_fix.meta_gradient import batches
 from pathology_fix_core import objectives
 
 META_LOSS_SPLITS = ("train", "outer_valid")
@@ -60,18 +61,20 @@ def strong_types(tree):
 
 def validate_meta_loss_options(meta_loss_split: str, meta_loss_evals: int):
   if meta_loss_split not in META_LOSS_SPLITS:
-    raise ValueError(f"meta_loss_split ({meta_loss_split!r}) must be one of "
-                     f"{META_LOSS_SPLITS}")
+    raise errors.InvalidArgument(
+        f"meta_loss_split ({meta_loss_split!r}) must be one of "
+        f"{META_LOSS_SPLITS}", "meta_loss_split")
   if int(meta_loss_evals) < 1:
-    raise ValueError(f"meta_loss_evals ({meta_loss_evals}) must be >= 1")
+    raise errors.InvalidArgument(
+        f"meta_loss_evals ({meta_loss_evals}) must be >= 1", "meta_loss_evals")
   if meta_loss_split == "train" and int(meta_loss_evals) != 1:
     # LO's convention: the train meta-loss is the loss of the inner step's
     # own batch, before the update; there are no extra batches to average.
-    raise ValueError(
+    raise errors.InvalidArgument(
         f"meta_loss_evals ({meta_loss_evals}) must be 1 with "
         "meta_loss_split='train' (the meta-loss is the training loss of the "
         "inner step's own batch); use meta_loss_split='outer_valid' to "
-        "average several batches")
+        "average several batches", "meta_loss_evals", "meta_loss_split")
 
 
 class InnerProblems:

@@ -13,7 +13,7 @@ Three pieces, one file each:
   vjp_engine.py      the chunked forward and reverse pass (stored or
                      rematerialized residuals) giving dL[s, i]/dtheta;
   this module        `AntitheticUnroller.truncate`, the one call the
-                     estimators make; it owns the sample sharding.
+                     estimators make.
 """
 
 from typing import Any, Optional, Tuple
@@ -21,9 +21,8 @@ from typing import Any, Optional, Tuple
 import jax
 import numpy as np
 
-from pathology_fix import inner_problems
-from pathology_fix import sharding
-from pathology_fix import vjp_engine
+from pathology_fix.meta_gradient import inner_problems
+from pathology_fix.meta_gradient import vjp_engine
 
 # Re-exported: the state and result types, and the option tuples.
 VariationalUnrollState = inner_problems.VariationalUnrollState
@@ -36,23 +35,21 @@ class AntitheticUnroller:
   """Runs antithetic truncated unrolls of `num_samples` inner problems.
 
   `problems` (an `inner_problems.InnerProblems`) and `engine` (a
-  `vjp_engine.ChunkedVJP`) are public; see them for the options.
-  shard_samples: split the samples across local devices when there are
-    several (see `sharding.py`).
+  `vjp_engine.ChunkedVJP`) are public; see them for the options, which each
+  validates. num_samples comes validated from the estimator, and
+  sample_sharding (a `sharding.SampleSharding` of those samples) is the
+  estimator's own, so both place the samples alike.
   """
 
   def __init__(self, task_family, learned_opt, trunc_sched, num_samples: int,
-               steps_per_jit: int, meta_loss_split: str, meta_loss_evals: int,
-               max_loss: float, rematerialize: Any = "auto",
+               sample_sharding, steps_per_jit: int, meta_loss_split: str,
+               meta_loss_evals: int, max_loss: float,
+               rematerialize: Any = "auto",
                meta_loss_clip_mode: str = "per_batch",
                remat_chunk_threshold: int = 10,
                remat_memory_budget_mb: Optional[float] = None,
-               shard_samples: bool = True,
                max_num_chunks: Optional[int] = None):
-    inner_problems.validate_meta_loss_options(meta_loss_split, meta_loss_evals)
-    vjp_engine.validate_remat_options(rematerialize, remat_chunk_threshold,
-                                      remat_memory_budget_mb)
-    self.sharding = sharding.SampleSharding(num_samples, enabled=shard_samples)
+    self.sharding = sample_sharding
     self.problems = inner_problems.InnerProblems(
         task_family, learned_opt, trunc_sched, num_samples, steps_per_jit,
         meta_loss_split, meta_loss_evals, max_loss, meta_loss_clip_mode,
@@ -62,7 +59,6 @@ class AntitheticUnroller:
         remat_chunk_threshold=remat_chunk_threshold,
         remat_memory_budget_mb=remat_memory_budget_mb,
         max_num_chunks=max_num_chunks)
-    self.num_samples = self.problems.num_samples
 
   def init_state(self, theta, outer_state, key,
                  random_initial_iteration_offset: int = 0):

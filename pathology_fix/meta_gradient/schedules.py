@@ -55,8 +55,8 @@ class LinearTruncationCurriculum(TruncationLength):
   """k grows linearly from k_min to k_max over num_iterations outer steps.
 
   Each draw is jittered by U(jitter), rounded to a multiple of steps_per_jit
-  and clipped to the steps left in the inner run (METHOD.md section 5; paper:
-  50 -> 10,000 over 5,000 outer iterations).
+  and clipped to the steps left in the inner run (the paper, Sec. 4.4, 50 ->
+  10,000 over 5,000 outer iterations; docs/method.md §6).
   """
 
   def __init__(self,
