@@ -3,6 +3,7 @@ r"""E5: the paper's Fig. 1 (headline result) at a CPU budget.
   python -m experiments.e5_headline [--quick] [--out DIR] [--seed S]
   python -m experiments.e5_headline --pretrained NAME [--compare CLASS=RUN]
       [--meta_valid RUN_DIR/metrics.jsonl] [--score_meta_valid]
+      [--rerun_unseen]
 
 With --pretrained (the headline of a shipped optimizer): judges the shipped
 optimizer NAME and its meta-training snapshots with the evaluation of step 2
@@ -114,10 +115,14 @@ def main(argv=None):
                  help="with --pretrained: score every judged theta with "
                       "MetaValidation.evaluate here, even when scores are "
                       "logged (done anyway when a theta has none)")
+  p.add_argument("--rerun_unseen", action="store_true",
+                 help="with --pretrained: evaluate the unseen tasks even when "
+                      "the record holds them (same config and seed)")
   args = p.parse_args(argv)
   if not args.pretrained and (args.compare or args.meta_valid
-                              or args.score_meta_valid):
-    p.error("--compare, --meta_valid and --score_meta_valid need --pretrained")
+                              or args.score_meta_valid or args.rerun_unseen):
+    p.error("--compare, --meta_valid, --score_meta_valid and --rerun_unseen "
+            "need --pretrained")
   if args.meta_valid is not None:
     path = args.meta_valid
     if os.path.isdir(path):
@@ -135,7 +140,8 @@ def main(argv=None):
                                common.results_dir(HEADLINE_NAME, args.out),
                                args.seed, args.compare,
                                metrics=args.meta_valid,
-                               score_meta_valid=args.score_meta_valid)
+                               score_meta_valid=args.score_meta_valid,
+                               rerun_unseen=args.rerun_unseen)
   cfg = QUICK if args.quick else FULL
   mode = "quick" if args.quick else "full"
   out_dir = common.results_dir(NAME, args.out)

@@ -30,7 +30,8 @@ from experiments.lib import unseen
 from pathology_fix import pretrained
 from pathology_fix.runtime import local_training
 
-FULL = dict(headline.EVAL, unseen_tasks=4, meta_valid_tasks=10)
+FULL = dict(headline.EVAL, unseen_tasks=unseen.FULL_TASKS,
+            meta_valid_tasks=10)
 QUICK = dict(FULL, inner_steps=100, num_fmnist_tasks=2,
              num_digits_tasks=1, eval_every=50, train_eval_examples=500,
              timing_steps=50, timing_repeats=1, unseen_tasks=1,
@@ -171,10 +172,23 @@ def meta_validation(rec, lopt, thetas, minutes, steps, rows, cfg,
           scores[best] == scores["shipped"]))
 
 
+def recorded_unseen(rec, cfg, seed) -> Optional[Dict[str, Any]]:
+  """The unseen-task rows `experiments.pretrain` stored in the record for
+  the shipped theta, when made with this very cfg and seed (else None)."""
+  h = rec.get("headline") or {}
+  same = lambda a, b: json.dumps(common.jsonable(a), sort_keys=True) == (  # noqa: E731
+      json.dumps(common.jsonable(b), sort_keys=True))
+  if h.get("unseen_rows") and h.get("seed") == seed and same(
+      h.get("config"), cfg):
+    return h["unseen_rows"]
+  return None
+
+
 def run(name, quick, out_dir, seed, compare=(), metrics=None,
-        score_meta_valid=False, cfg=None):
+        score_meta_valid=False, cfg=None, rerun_unseen=False):
   """Evaluates the shipped optimizer `name`; writes out_dir. cfg overrides
-  the QUICK / FULL sizes (tests)."""
+  the QUICK / FULL sizes (tests). The unseen tasks are taken from the record
+  when it holds them for the same cfg and seed, unless rerun_unseen."""
   t0 = time.perf_counter()
   clock = PhaseClock()
   cfg = cfg or (QUICK if quick else FULL)
@@ -196,9 +210,13 @@ def run(name, quick, out_dir, seed, compare=(), metrics=None,
   mv = meta_validation(rec, lopt, thetas, minutes, steps, rows, cfg, metrics,
                        score_meta_valid)
   clock.lap("meta_validation")
-  print("[e5] unseen tasks ...", flush=True)
-  unseen_rows = unseen.evaluate_all(lopt, thetas["shipped"], cfg, seed,
-                                    cfg["unseen_tasks"], clock)
+  unseen_rows = None if rerun_unseen else recorded_unseen(rec, cfg, seed)
+  unseen_source = "record.json (experiments.pretrain, same config and seed)"
+  if unseen_rows is None:
+    print("[e5] unseen tasks ...", flush=True)
+    unseen_rows = unseen.evaluate_all(lopt, thetas["shipped"], cfg, seed,
+                                      cfg["unseen_tasks"], clock)
+    unseen_source = "evaluated here"
   res, res_cos = evaluated["result"], evaluated["result_cosine"]
   numbers = dict(
       pretrained=name, learned_optimizer=rec["learned_optimizer"],
@@ -233,6 +251,7 @@ def run(name, quick, out_dir, seed, compare=(), metrics=None,
   numbers.update(
       unseen=unseen.headline_keys(unseen_rows),
       unseen_verdict=selection.unseen_verdict(unseen_rows),
+      unseen_source=unseen_source,
       selected_by=rec.get("selected_by", selection.FINAL_THETA),
       selection=rec.get("selection"), meta_validation=mv,
       seconds=time.perf_counter() - t0, phase_seconds=clock.phases)

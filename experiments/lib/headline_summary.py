@@ -86,10 +86,14 @@ def _unseen_lines(n):
                  f"{_num(row['mean_final_test_loss'])} | "
                  f"{_num(row['best_baseline_mean_final_test_loss'])} |")
   lines += ["", f"Targets: >= 50% wins, no worse than Adam(1e-3) on >= 75%. "
-            f"Over all {v['num_tasks']} unseen tasks: no worse than "
-            f"Adam(1e-3) on {_pct(v['beats_adam_1e3'])}"
+            f"Over the {v['num_tasks']} unseen tasks ({n['unseen_source']}),"
+            f" each family weighted equally: no worse than Adam(1e-3) on "
+            f"{_pct(v['beats_adam_1e3'])} (pooled: "
+            f"{_pct(v['beats_adam_1e3_pooled'])})"
             + (" -- **loses to Adam(1e-3) on the unseen tasks**"
-               if v["loses_to_adam_1e3"] else "") + "."]
+               if v["loses_to_adam_1e3"] else "") + ". Tuned baselines pick "
+            "their rate by the lowest inner_valid loss reached during the "
+            "run, and are compared on final test loss."]
   return lines
 
 

@@ -175,7 +175,9 @@ def headline_tables(lopt, theta, quick: bool, seed: int) -> Dict[str, Any]:
                                 for p, a in zip(r["per_task"],
                                                 r["adam_1e3_final_test_loss"])])
               for f, r in rows.items()},
-      unseen_verdict=selection.unseen_verdict(rows))
+      unseen_verdict=selection.unseen_verdict(rows),
+      # E5 --pretrained reuses these rows (same config and seed).
+      config=cfg, unseen_rows=rows)
 
 
 def mark(record: Dict[str, Any], verdict: Optional[Dict[str, Any]]):
@@ -187,9 +189,9 @@ def mark(record: Dict[str, Any], verdict: Optional[Dict[str, Any]]):
   if loses:
     record["warning"] = (
         "Loses to plain Adam(1e-3) on tasks never seen in meta-training: no "
-        "worse than it on only "
-        f"{round(verdict['beats_adam_1e3'] * verdict['num_tasks'])} of "
-        f"{verdict['num_tasks']} unseen tasks (bar: "
+        f"worse than it on only {verdict['beats_adam_1e3']:.0%} of the "
+        f"unseen tasks ({verdict['num_families']} families, "
+        f"{verdict['num_tasks']} tasks; bar: "
         f"{verdict['threshold']:.0%}). Prefer Adam outside the meta-training "
         "task family.")
   else:

@@ -12,10 +12,12 @@ Families (several tasks each, with their own inits and batch orders):
 On each family, the learned optimizer's final test loss against the tuned
 baselines (E5's: best per task of Adam, RMSProp, SGD+momentum, each tuned
 over 11 rates on inner_valid) and against untuned Adam(1e-3) (same init and
-batches), as fractions of the family's tasks.
+batches), as fractions of the family's tasks. Families hold different
+numbers of tasks (`FULL_TASKS`, by cost); `selection.unseen_verdict` weighs
+them equally.
 """
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Mapping, Tuple, Union
 
 from experiments.lib import baselines
 from experiments.lib import headline
@@ -29,6 +31,12 @@ FAMILIES = (
     ("diabetes_mlp2x32", dict(kind="tabular", dataset="diabetes")),
 )
 ARCHITECTURES = ("conv3@8px", "mlp3x128@14px")  # other architectures only
+# Tasks per family in a full evaluation, sized by cost (CPU seconds per task
+# at 1,000 steps with the 33 tuned-baseline runs, 2 shared cores): conv3 at
+# 8x8 ~400 s (its convolutions cost ~10 ms a step at batch 128 on this
+# CPU), mlp3x128 at 14x14 ~20 s, a tabular task ~1-2 s.
+FULL_TASKS = {"conv3@8px": 3, "mlp3x128@14px": 4,
+              "breast_cancer_mlp2x32": 8, "diabetes_mlp2x32": 8}
 TABULAR_HIDDEN = (32, 32)
 TABULAR_BATCH = 32  # a few hundred training rows: smaller batches than E5's
 
@@ -76,15 +84,18 @@ def evaluate_family(lopt, theta, spec: Dict[str, Any], num_tasks: int,
 
 
 def evaluate_all(lopt, theta, cfg: Dict[str, Any], seed: int,
-                 num_tasks: int, clock=None) -> Dict[str, Dict[str, Any]]:
+                 num_tasks: Union[int, Mapping[str, int]],
+                 clock=None) -> Dict[str, Dict[str, Any]]:
   """{family: `evaluate_family` row} for every family of FAMILIES.
 
+  num_tasks: tasks per family (an int for all, or {family: count}).
   clock: optional, its `lap("unseen/<family>")` is called after each.
   """
   out = {}
   for family, spec in FAMILIES:
-    print(f"[unseen] {family}: {num_tasks} tasks ...", flush=True)
-    out[family] = evaluate_family(lopt, theta, spec, num_tasks, cfg, seed)
+    n = num_tasks[family] if isinstance(num_tasks, Mapping) else num_tasks
+    print(f"[unseen] {family}: {n} tasks ...", flush=True)
+    out[family] = evaluate_family(lopt, theta, spec, n, cfg, seed)
     if clock is not None:
       clock.lap(f"unseen/{family}")
   return out
