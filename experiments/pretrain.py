@@ -324,8 +324,10 @@ def main(argv=None):
   shutil.copyfile(chosen["path"],
                   os.path.join(out_dir, f"params_{chosen['step']}"))
   snapshots = copy_snapshots(
-      run_dir, out_dir, sorted({s for s in chosen["snapshot_steps"] + [last]
-                                if s != chosen["step"]}),
+      run_dir, out_dir,
+      # The run's last theta too, when it is not the one shipped.
+      sorted({s for s in chosen["snapshot_steps"] + [last] * bool(
+          chosen["snapshot_steps"]) if s != chosen["step"]}),
       elapsed, chosen["scores"])
   heldout, step = evaluate(out_dir, recipe, args.quick, recipe["seed"])
   record = dict(

@@ -176,10 +176,9 @@ def recorded_unseen(rec, cfg, seed) -> Optional[Dict[str, Any]]:
   """The unseen-task rows `experiments.pretrain` stored in the record for
   the shipped theta, when made with this very cfg and seed (else None)."""
   h = rec.get("headline") or {}
-  same = lambda a, b: json.dumps(common.jsonable(a), sort_keys=True) == (  # noqa: E731
-      json.dumps(common.jsonable(b), sort_keys=True))
-  if h.get("unseen_rows") and h.get("seed") == seed and same(
-      h.get("config"), cfg):
+  text = lambda x: json.dumps(common.jsonable(x), sort_keys=True)  # noqa: E731
+  if (h.get("unseen_rows") and h.get("seed") == seed
+      and text(h.get("config")) == text(cfg)):
     return h["unseen_rows"]
   return None
 

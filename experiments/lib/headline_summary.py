@@ -59,8 +59,9 @@ def _meta_validation_lines(n):
       + (" (the shipped one)." if mv["shipped_is_argmin"] else
          ", not the shipped one."), "",
       f"Spearman rank correlation over the judged thetas: meta-validation vs "
-      f"held-out mean test loss {_num(mv['spearman_vs_heldout_test_loss'], '.2f')}"
-      f", vs held-out win rate (test) "
+      "held-out mean test loss "
+      f"{_num(mv['spearman_vs_heldout_test_loss'], '.2f')}, vs held-out win "
+      "rate (test) "
       f"{_num(mv['spearman_vs_win_rate_test'], '.2f')} (transfer: the first "
       "positive, the second negative).", "",
       "| theta | minutes | step | meta-validation | held-out mean test loss |"

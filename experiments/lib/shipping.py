@@ -70,12 +70,14 @@ def choose_theta(run_dir: str, last: int, elapsed: Dict[int, float],
 
   Returns {"step", "path" (its file), "selected_by", "selection" (None for
   "final"; else source, kind, candidates [{step, minutes, meta_valid}],
-  selected_step, meta_valid), "snapshot_steps", "scores" ({step: score})}.
+  selected_step, meta_valid), "snapshot_steps" (per recipe
+  `snapshot_minutes`, none without), "scores" ({step: score})}.
   """
   from pathology_fix.runtime import local_training  # pylint: disable=g-import-not-at-top
   saved = [s for s in local_training.checkpoint_steps(run_dir, "params_")
            if s <= last]
-  snaps = snapshot_steps(saved, elapsed, recipe.get("snapshot_minutes", ()))
+  minutes = recipe.get("snapshot_minutes", ())
+  snaps = snapshot_steps(saved, elapsed, minutes) if minutes else []
   params = lambda s: os.path.join(run_dir, f"params_{s}")  # noqa: E731
   how = recipe.get("selection", "final")
   if how not in ("final", "meta_validation"):
@@ -92,8 +94,8 @@ def choose_theta(run_dir: str, last: int, elapsed: Dict[int, float],
   scoring = None
   if scores:
     source = "metrics.jsonl (logged during meta-training)"
-    snaps = snapshot_steps(sorted(scores), elapsed,
-                           recipe.get("snapshot_minutes", ()))
+    snaps = (snapshot_steps(sorted(scores), elapsed, minutes) if minutes
+             else [])
   else:
     source = "scored after meta-training (MetaValidation.evaluate)"
     candidates = sorted(set(selection.evenly_spaced(
@@ -125,6 +127,18 @@ def choose_theta(run_dir: str, last: int, elapsed: Dict[int, float],
           candidates=[dict(step=s, minutes=(round(elapsed[s], 2) if s in elapsed
                                              else None),
                            meta_valid=v) for s, v in sorted(scores.items())]))
+
+
+def _unseen_table(row: Dict[str, Any]) -> Dict[str, Any]:
+  """One unseen family's compact table for the record."""
+  return dict(
+      win_rate_test=row["win_rate_test"],
+      beats_adam_1e3=row["beats_adam_1e3"], num_tasks=row["num_tasks"],
+      per_task=[dict(task=p["task"], learned_test_loss=p["lopt_final"],
+                     best_baseline_test_loss=p["baseline_final"],
+                     adam_1e3_test_loss=a)
+                for p, a in zip(row["per_task"],
+                                row["adam_1e3_final_test_loss"])])
 
 
 def headline_tables(lopt, theta, quick: bool, seed: int) -> Dict[str, Any]:
@@ -165,16 +179,7 @@ def headline_tables(lopt, theta, quick: bool, seed: int) -> Dict[str, Any]:
       win_rate_train=row["win_rate_train"],
       step_ratio_to_best_train_loss=ratio["step_ratio"],
       means=row, per_task=per_task,
-      unseen={f: dict(win_rate_test=r["win_rate_test"],
-                      beats_adam_1e3=r["beats_adam_1e3"],
-                      num_tasks=r["num_tasks"],
-                      per_task=[dict(task=p["task"],
-                                     learned_test_loss=p["lopt_final"],
-                                     best_baseline_test_loss=p["baseline_final"],
-                                     adam_1e3_test_loss=a)
-                                for p, a in zip(r["per_task"],
-                                                r["adam_1e3_final_test_loss"])])
-              for f, r in rows.items()},
+      unseen={f: _unseen_table(r) for f, r in rows.items()},
       unseen_verdict=selection.unseen_verdict(rows),
       # E5 --pretrained reuses these rows (same config and seed).
       config=cfg, unseen_rows=rows)
