@@ -2,11 +2,17 @@ r"""E5: the paper's Fig. 1 (headline result) at a CPU budget.
 
   python -m experiments.e5_headline [--quick] [--out DIR] [--seed S]
   python -m experiments.e5_headline --pretrained NAME [--compare CLASS=RUN]
+      [--meta_valid RUN_DIR/metrics.jsonl] [--score_meta_valid]
+      [--rerun_unseen]
 
-With --pretrained (the headline): judges the shipped optimizer NAME
-and its meta-training snapshots with the evaluation of step 2 below, plus
-unseen architectures, and writes experiments/results/e5_headline/
-(`experiments/lib/headline_report.py`). Without it:
+With --pretrained (the headline of a shipped optimizer): judges the shipped
+optimizer NAME and its meta-training snapshots with the evaluation of step 2
+below against two tuned baseline sets (E5's and warmup-cosine Adam), plus
+tasks never seen in meta-training (other architectures, tabular problems),
+and shows selection by meta-validation (scores per theta from the run's
+metrics.jsonl, the record, or scored here) against held-out quality; writes
+experiments/results/e5_headline/ (`experiments/lib/headline_report.py`).
+Without it:
 
 1. Meta-trains LO's MLPLOpt (1 hidden layer of 32, as in the paper) with
    HybridRPES and a linear truncation curriculum, twice: against the inner
@@ -35,6 +41,7 @@ e5_headline/objective_comparison/ (or --out). Shared code: experiments/lib/ (met
 heldout, baselines, analysis, plots).
 """
 
+import os
 import time
 
 import jax
@@ -99,13 +106,42 @@ def main(argv=None):
                  help="with --pretrained: also judge the last theta of "
                       "another meta-training run of learned optimizer CLASS "
                       "(a lever), on the same tasks")
+  p.add_argument("--meta_valid", default=None, metavar="METRICS",
+                 help="with --pretrained: the meta-training run's "
+                      "metrics.jsonl (or its folder), whose meta_valid/<kind> "
+                      "scores per outer step give each judged theta's "
+                      "meta-validation score (default: the record's)")
+  p.add_argument("--score_meta_valid", action="store_true",
+                 help="with --pretrained: score every judged theta with "
+                      "MetaValidation.evaluate here, even when scores are "
+                      "logged (done anyway when a theta has none)")
+  p.add_argument("--rerun_unseen", action="store_true",
+                 help="with --pretrained: evaluate the unseen tasks even when "
+                      "the record holds them (same config and seed)")
   args = p.parse_args(argv)
+  if not args.pretrained and (args.compare or args.meta_valid
+                              or args.score_meta_valid or args.rerun_unseen):
+    p.error("--compare, --meta_valid, --score_meta_valid and --rerun_unseen "
+            "need --pretrained")
+  if args.meta_valid is not None:
+    path = args.meta_valid
+    if os.path.isdir(path):
+      path = os.path.join(path, "metrics.jsonl")
+    if not os.path.isfile(path):
+      p.error(f"--meta_valid {args.meta_valid!r}: no such metrics.jsonl")
+    args.meta_valid = path
   if args.pretrained:
     from experiments.lib import headline_report  # pylint: disable=g-import-not-at-top
+    from pathology_fix import pretrained  # pylint: disable=g-import-not-at-top
+    if args.pretrained not in pretrained.names():
+      p.error(f"--pretrained {args.pretrained!r}: not a shipped optimizer; "
+              f"shipped: {pretrained.names()}")
     return headline_report.run(args.pretrained, args.quick,
                                common.results_dir(HEADLINE_NAME, args.out),
-                               args.seed,
-                               args.compare)
+                               args.seed, args.compare,
+                               metrics=args.meta_valid,
+                               score_meta_valid=args.score_meta_valid,
+                               rerun_unseen=args.rerun_unseen)
   cfg = QUICK if args.quick else FULL
   mode = "quick" if args.quick else "full"
   out_dir = common.results_dir(NAME, args.out)

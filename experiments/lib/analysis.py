@@ -56,17 +56,20 @@ def _cap(a, cap):
 
 def analyse(curves: Dict[str, np.ndarray], lopt_names: Sequence[str],
             steps_axis: np.ndarray, rates: Dict[str, float],
-            task_names: Sequence[str]) -> Dict[str, Any]:
+            task_names: Sequence[str],
+            baselines: Sequence[str] = BASELINES) -> Dict[str, Any]:
   """Tuned baselines, wall-clock ratios, final losses and win rates.
 
   curves: optimizer -> [tasks, H, evals, splits] (H = 11 learning rates for
   baselines, 1 for a learned optimizer).
+  baselines: the hand-designed set compared against (the best of them per
+  task); default E5's.
   """
   i_train, i_valid, i_test = (SPLITS.index(s) for s in SPLITS)
   cap = 2.0 * math.log(NUM_CLASSES)  # for plots/means: diverged runs
   tuned = {}  # (objective, optimizer) -> [tasks, evals] curve
   chosen_lr = {}
-  for name in BASELINES:
+  for name in baselines:
     c = curves[name]
     for objective, select, report in (("train", i_train, i_train),
                                       ("test", i_valid, i_test)):
@@ -78,8 +81,8 @@ def analyse(curves: Dict[str, np.ndarray], lopt_names: Sequence[str],
     for objective, report in (("train", i_train), ("test", i_test)):
       tuned[(objective, name)] = curves[name][:, 0, :, report]
 
-  times = {name: steps_axis / rates[name if name in BASELINES else "learned"]
-           for name in list(BASELINES) + list(lopt_names)}
+  times = {name: steps_axis / rates[name if name in baselines else "learned"]
+           for name in list(baselines) + list(lopt_names)}
   out = {"chosen_lr": chosen_lr, "per_task": {}, "mean_curves": {},
          "ratio": {}, "final": {}, "best": {}, "win_rate": {}}
   num_tasks = len(task_names)
@@ -87,13 +90,13 @@ def analyse(curves: Dict[str, np.ndarray], lopt_names: Sequence[str],
     # Best baseline per task: lowest loss reached by its tuned curve.
     best_base = []
     for t in range(num_tasks):
-      mins = [_nan_to_inf(tuned[(objective, b)][t]).min() for b in BASELINES]
-      best_base.append(BASELINES[int(np.argmin(mins))])
+      mins = [_nan_to_inf(tuned[(objective, b)][t]).min() for b in baselines]
+      best_base.append(baselines[int(np.argmin(mins))])
     mean_curves = {name: _cap(tuned[(objective, name)], cap).mean(0)
-                   for name in list(BASELINES) + list(lopt_names)}
+                   for name in list(baselines) + list(lopt_names)}
     out["mean_curves"][objective] = mean_curves
-    mean_best = BASELINES[int(np.argmin([mean_curves[b].min()
-                                         for b in BASELINES]))]
+    mean_best = baselines[int(np.argmin([mean_curves[b].min()
+                                         for b in baselines]))]
     for name in lopt_names:
       lc = tuned[(objective, name)]
       ratios, reached, wins_final, wins_best, rows = [], 0, 0, 0, []
@@ -142,7 +145,7 @@ def analyse(curves: Dict[str, np.ndarray], lopt_names: Sequence[str],
           lopt=float(mean_curves[name][-1]),
           best_baseline_per_task=float(np.mean([r["baseline_final"]
                                                 for r in rows])),
-          **{b: float(mean_curves[b][-1]) for b in BASELINES})
+          **{b: float(mean_curves[b][-1]) for b in baselines})
       out["best"][key] = dict(
           lopt=float(np.mean([r["lopt_best"] for r in rows])),
           best_baseline_per_task=float(np.mean([r["baseline_best"]

@@ -1,45 +1,81 @@
-"""E5 --pretrained NAME: the headline table for a shipped optimizer.
+"""E5 --pretrained NAME: the headline table of a shipped learned optimizer.
 
 Judges the shipped theta and its meta-training snapshots (record.json's
-`snapshots`, files under <name>/snapshots/) on E5's 16 held-out tasks, and
-the shipped theta on two task kinds it never saw (conv3 at 8x8, mlp3x128 at
-14x14, Fashion-MNIST classes 5-9). Writes results.json (top-level
-win_rate_test, win_rate_train, wallclock_ratio_to_best_train_loss, ...),
-summary.md and win_rate_vs_minutes.png.
+`snapshots`, files under <name>/snapshots/) on E5's 16 held-out tasks against
+both baseline sets (E5's: best per task of Adam, RMSProp, SGD+momentum; and
+warmup-cosine Adam; each tuned per task over 11 rates), and the shipped
+theta on tasks it never saw (`unseen`: conv3 at 8x8, mlp3x128 at 14x14,
+tabular problems). Shows whether selection by meta-validation transfers:
+each judged theta's meta-validation score (from the run's metrics.jsonl, the
+record, or scored here with `MetaValidation.evaluate`) against its held-out
+mean test loss, with their Spearman rank correlation.
+
+Writes results.json (top-level win_rate_test, win_rate_train,
+wallclock_ratio_to_best_train_loss, win_rate_test_vs_cosine_adam, unseen,
+selected_by, ...), summary.md (`headline_summary`), win_rate_vs_minutes.png
+and meta_valid_vs_heldout.png.
 """
 
 import json
 import os
 import time
+from typing import Any, Dict, List, Optional
 
 from experiments.lib import analysis
 from experiments.lib import common
 from experiments.lib import headline
+from experiments.lib import headline_summary
+from experiments.lib import selection
+from experiments.lib import unseen
 from pathology_fix import pretrained
 from pathology_fix.runtime import checkpoints
 
-QUICK = dict(headline.EVAL, inner_steps=100, num_fmnist_tasks=2,
+FULL = dict(headline.EVAL, unseen_tasks=unseen.FULL_TASKS,
+            meta_valid_tasks=10)
+QUICK = dict(FULL, inner_steps=100, num_fmnist_tasks=2,
              num_digits_tasks=1, eval_every=50, train_eval_examples=500,
-             timing_steps=50, timing_repeats=1)
-TRANSFER = (("conv3", 8), ("mlp3x128", 14))  # never seen in meta-training
-TRANSFER_TASKS = 3
+             timing_steps=50, timing_repeats=1, unseen_tasks=1,
+             meta_valid_tasks=2)
 
 BENCH_STEP = os.path.join(common.RESULTS, "bench_step", "results.json")
 
 
+class PhaseClock:
+  """Wall and process-CPU seconds per phase (CPU: all threads)."""
+
+  def __init__(self):
+    self.phases = {}
+    self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+  def lap(self, phase: str):
+    wall, cpu = time.perf_counter(), time.process_time()
+    self.phases[phase] = dict(wall=wall - self._wall, cpu=cpu - self._cpu)
+    self._wall, self._cpu = wall, cpu
+
+
+def shipped_step(rec) -> int:
+  return int(rec["params_file"].rsplit("_", 1)[1])
+
+
 def snapshot_thetas(name, lopt):
-  """{"<m> min": theta} in meta-training order, ending with the shipped one."""
+  """({"<m> min": theta, ..., "shipped": theta}, minutes, steps): the
+  snapshots in meta-training order, then the shipped theta (at the minute
+  it was saved: `selected_minutes` when chosen by meta-validation)."""
   folder = pretrained.path(name)
   rec = pretrained.record(name)
-  thetas, minutes = {}, []
+  thetas, minutes, steps = {}, [], []
   for snap in rec.get("snapshots", []):
     label = f"{snap['minutes']:.0f} min"
+    if label in thetas:
+      label = f"{snap['minutes']:.1f} min (step {snap['step']})"
     thetas[label] = checkpoints.load_params(
         os.path.join(folder, "snapshots"), snap["step"], lopt)
     minutes.append(snap["minutes"])
+    steps.append(snap["step"])
   thetas["shipped"] = pretrained.load(name)[1]
-  minutes.append(rec["meta_training_minutes"])
-  return thetas, minutes
+  minutes.append(rec.get("selected_minutes", rec["meta_training_minutes"]))
+  steps.append(shipped_step(rec))
+  return thetas, minutes, steps
 
 
 def step_speed(learned_optimizer):
@@ -56,27 +92,6 @@ def step_speed(learned_optimizer):
                             wall_ratio_to_adam=o["ratio_to_adam"])
   return dict(source="experiments/results/bench_step/results.json "
                      f"({bench['config']['command']})", tasks=out)
-
-
-def transfer(lopt, theta, cfg, seed):
-  """The shipped theta vs tuned baselines on unseen architectures."""
-  rows = {}
-  for arch, size in TRANSFER:
-    specs = headline.heldout_specs(1 if cfg is QUICK else TRANSFER_TASKS, 0,
-                                   seed)
-    # Whole-split losses 4 times a run (not every 50 steps): conv3's 34 runs
-    # per task would otherwise spend most of their time in evaluation.
-    every = max(cfg["eval_every"], cfg["inner_steps"] // 4)
-    evaluated = headline.evaluate(lopt, {"shipped": theta},
-                                  dict(cfg, eval_every=every,
-                                       train_eval_examples=1000), seed,
-                                  specs=specs, arch=arch, image_size=size,
-                                  measure_speed=False)
-    rows[f"{arch}@{size}px"] = dict(
-        headline.summary_row(evaluated, "shipped"),
-        tasks=evaluated["task_names"],
-        per_task=evaluated["result"]["per_task"]["test/shipped"])
-  return rows
 
 
 def compared_optimizers(compare):
@@ -99,11 +114,86 @@ def compared_optimizers(compare):
   return out
 
 
-def run(name, quick, out_dir, seed, compare=()):
+def logged_meta_valid(rec, labels: List[str], steps: List[int],
+                      metrics: Optional[str]) -> Dict[str, Optional[float]]:
+  """{label: logged meta-validation score or None}: by outer step from the
+  run's metrics.jsonl when given, else from the record (snapshots' and the
+  selection's candidates' `meta_valid`); the shipped theta's own score from
+  the record's selection when it has one (e.g. an averaged theta)."""
+  sel = rec.get("selection") or {}
+  if metrics:
+    by_step = selection.meta_valid_from_metrics(metrics,
+                                                sel.get("kind", "latest"))
+  else:
+    by_step = {int(c["step"]): c.get("meta_valid")
+               for c in sel.get("candidates", []) + rec.get("snapshots", [])}
+  out = {lab: by_step.get(step) for lab, step in zip(labels, steps)}
+  if sel.get("meta_valid") is not None and (
+      not metrics or sel.get("kind", "latest") != "latest"):
+    out["shipped"] = sel["meta_valid"]
+  return out
+
+
+def meta_validation(rec, lopt, thetas, minutes, steps, rows, cfg,
+                    metrics: Optional[str], force_score: bool):
+  """Meta-validation vs held-out quality of every judged theta.
+
+  Scores are the logged ones when every theta has one (and not
+  force_score); otherwise every theta is scored here, on the recipe's
+  validation tasks (`selection.score_thetas`), so all share one scale.
+  """
+  labels = list(thetas)
+  scores = logged_meta_valid(rec, labels, steps, metrics)
+  source = ("metrics.jsonl" if metrics else "record")
+  scoring = None
+  if force_score or any(scores[k] is None for k in labels):
+    dist = selection.distribution_from_config(
+        os.path.join(str(common.REPO), rec["config"]),
+        os.path.join(str(common.REPO), "gin_configs"))
+    print(f"[e5] meta-validation of {len(labels)} thetas on "
+          f"{cfg['meta_valid_tasks']} validation tasks ...", flush=True)
+    scoring = selection.score_thetas(lopt, thetas, dist, cfg["inner_steps"],
+                                     cfg["meta_valid_tasks"])
+    scores, source = scoring.pop("scores"), "scored here"
+  heldout_loss = [r["mean_final_test_loss"] for r in rows]
+  win = [r["win_rate_test"] for r in rows]
+  mv = [scores[k] for k in labels]
+  best = selection.argmin(dict(zip(labels, mv)))
+  return dict(
+      source=source, kind=(rec.get("selection") or {}).get("kind", "latest"),
+      scoring=scoring,
+      per_theta=[dict(label=k, step=s, minutes=m, meta_valid=v,
+                      heldout_mean_final_test_loss=h, win_rate_test=w)
+                 for k, s, m, v, h, w in zip(labels, steps, minutes, mv,
+                                             heldout_loss, win)],
+      spearman_vs_heldout_test_loss=selection.spearman(mv, heldout_loss),
+      spearman_vs_win_rate_test=selection.spearman(mv, win),
+      argmin_label=best, shipped_is_argmin=best == "shipped" or (
+          scores[best] == scores["shipped"]))
+
+
+def recorded_unseen(rec, cfg, seed) -> Optional[Dict[str, Any]]:
+  """The unseen-task rows `experiments.pretrain` stored in the record for
+  the shipped theta, when made with this very cfg and seed (else None)."""
+  h = rec.get("headline") or {}
+  text = lambda x: json.dumps(common.jsonable(x), sort_keys=True)  # noqa: E731
+  if (h.get("unseen_rows") and h.get("seed") == seed
+      and text(h.get("config")) == text(cfg)):
+    return h["unseen_rows"]
+  return None
+
+
+def run(name, quick, out_dir, seed, compare=(), metrics=None,
+        score_meta_valid=False, cfg=None, rerun_unseen=False):
+  """Evaluates the shipped optimizer `name`; writes out_dir. cfg overrides
+  the QUICK / FULL sizes (tests). The unseen tasks are taken from the record
+  when it holds them for the same cfg and seed, unless rerun_unseen."""
   t0 = time.perf_counter()
-  cfg = QUICK if quick else headline.EVAL
+  clock = PhaseClock()
+  cfg = cfg or (QUICK if quick else FULL)
   lopt, _ = pretrained.load(name)
-  thetas, minutes = snapshot_thetas(name, lopt)
+  rec = pretrained.record(name)
+  thetas, minutes, steps = snapshot_thetas(name, lopt)
   others = compared_optimizers(compare)
   print(f"[e5] {name}: {len(thetas)} thetas and {len(others)} other learned "
         f"optimizers on held-out tasks, {cfg['inner_steps']} steps ...",
@@ -115,96 +205,56 @@ def run(name, quick, out_dir, seed, compare=()):
   levers = {k: headline.summary_row(evaluated, k) for k in others}
   final = rows[-1]
   ratio = headline.ratio_to_best_final_train_loss(evaluated, "shipped")
-  print("[e5] unseen architectures ...", flush=True)
-  other = transfer(lopt, thetas["shipped"], cfg, seed)
-  rec = pretrained.record(name)
+  clock.lap("heldout")
+  mv = meta_validation(rec, lopt, thetas, minutes, steps, rows, cfg, metrics,
+                       score_meta_valid)
+  clock.lap("meta_validation")
+  unseen_rows = None if rerun_unseen else recorded_unseen(rec, cfg, seed)
+  unseen_source = "record.json (experiments.pretrain, same config and seed)"
+  if unseen_rows is None:
+    print("[e5] unseen tasks ...", flush=True)
+    unseen_rows = unseen.evaluate_all(lopt, thetas["shipped"], cfg, seed,
+                                      cfg["unseen_tasks"], clock)
+    unseen_source = "evaluated here"
+  res, res_cos = evaluated["result"], evaluated["result_cosine"]
   numbers = dict(
       pretrained=name, learned_optimizer=rec["learned_optimizer"],
       meta_training_minutes=rec["meta_training_minutes"],
-      meta_training_outer_steps=rec["outer_steps"], config=cfg, seed=seed,
+      meta_training_outer_steps=rec.get("run_outer_steps",
+                                        rec["outer_steps"]),
+      shipped_outer_step=shipped_step(rec), config=cfg, seed=seed,
       win_rate_test=final["win_rate_test"],
       win_rate_train=final["win_rate_train"],
+      win_rate_test_vs_cosine_adam=final["win_rate_test_vs_cosine_adam"],
       wallclock_ratio_to_best_train_loss=ratio["wallclock_ratio"],
       step_ratio_to_best_train_loss=ratio["step_ratio"],
       ratio_to_best_train_loss=ratio,
       shipped=final, steps_per_second=evaluated["steps_per_second"],
       step_speed_in_scan=step_speed(rec["learned_optimizer"]),
-      win_rate_vs_minutes=[dict(label=n, minutes=m, **r)
-                           for n, m, r in zip(thetas, minutes, rows)],
+      win_rate_vs_minutes=[dict(label=n, minutes=m, step=s, **r)
+                           for n, m, s, r in zip(thetas, minutes, steps,
+                                                 rows)],
       task_names=evaluated["task_names"],
-      per_task=evaluated["result"]["per_task"]["test/shipped"],
-      per_task_train=evaluated["result"]["per_task"]["train/shipped"],
-      chosen_lr=evaluated["result"]["chosen_lr"],
-      unseen_architectures=other, other_learned_optimizers=levers,
-      seconds=time.perf_counter() - t0)
-  headline.plot_win_rate_vs_minutes(out_dir, minutes, rows)
+      per_task=res["per_task"]["test/shipped"],
+      per_task_train=res["per_task"]["train/shipped"],
+      per_task_vs_cosine_adam=res_cos["per_task"]["test/shipped"],
+      chosen_lr=dict(res["chosen_lr"], **res_cos["chosen_lr"]),
+      unseen_architectures={k: unseen_rows[k] for k in unseen.ARCHITECTURES},
+      unseen_tasks=unseen_rows, other_learned_optimizers=levers)
   numbers = analysis.mark_unreached(numbers)
-  # The issue's keys: null (not "not reached") when never reached.
+  # The headline keys: null (not "not reached") when never reached.
   for key in ("wallclock_ratio_to_best_train_loss",
               "step_ratio_to_best_train_loss"):
     if numbers[key] == analysis.NOT_REACHED:
       numbers[key] = None
-  common.finish(out_dir, numbers, summary(numbers), quick)
+  numbers.update(
+      unseen=unseen.headline_keys(unseen_rows),
+      unseen_verdict=selection.unseen_verdict(unseen_rows),
+      unseen_source=unseen_source,
+      selected_by=rec.get("selected_by", selection.FINAL_THETA),
+      selection=rec.get("selection"), meta_validation=mv,
+      seconds=time.perf_counter() - t0, phase_seconds=clock.phases)
+  headline.plot_win_rate_vs_minutes(out_dir, minutes, rows)
+  headline_summary.plot_meta_valid_vs_heldout(out_dir, mv)
+  common.finish(out_dir, numbers, headline_summary.summary(numbers), quick)
   return 0
-
-
-def _pct(x):
-  return "n/a" if x is None else f"{x:.0%}"
-
-
-def _ratio(x):
-  return "never" if x in (None, analysis.NOT_REACHED) else f"{x:.2f}"
-
-
-def summary(n) -> str:
-  f = n["shipped"]
-  r = n["ratio_to_best_train_loss"]
-  lines = [
-      f"# E5 headline: shipped `{n['pretrained']}` ({n['learned_optimizer']},"
-      f" {n['meta_training_minutes']:.0f} min of meta-training, "
-      f"{n['meta_training_outer_steps']} outer steps)", "",
-      f"{len(n['task_names'])} held-out tasks ({', '.join(n['task_names'])}),"
-      f" {n['config']['inner_steps']} inner steps; baseline = best per task of"
-      " Adam, RMSProp, SGD+momentum, each tuned over 11 learning rates.", "",
-      "| | target | learned | best tuned baseline |", "|---|---|---|---|",
-      f"| wins on final test loss | >= 90% | {_pct(f['win_rate_test'])} | |",
-      f"| wins on final training loss | | {_pct(f['win_rate_train'])} | |",
-      f"| mean final test loss | | {f['mean_final_test_loss']:.4f} | "
-      f"{f['best_baseline_mean_final_test_loss']:.4f} |",
-      f"| mean final training loss | | {f['mean_final_train_loss']:.4f} | "
-      f"{f['best_baseline_mean_final_train_loss']:.4f} |",
-      f"| steps to {r['best_baseline']}'s final training loss (mean curves) "
-      f"| <= 0.5x | {_ratio(r['step_ratio'])} | 1 |",
-      f"| wall-clock to the same | | {_ratio(r['wallclock_ratio'])} | "
-      "1 |", "", "## Win rate against meta-training minutes", "",
-      "| theta | minutes | wins (test) | wins (train) | mean test loss |",
-      "|---|---|---|---|---|"]
-  for row in n["win_rate_vs_minutes"]:
-    lines.append(f"| {row['label']} | {row['minutes']:.1f} | "
-                 f"{_pct(row['win_rate_test'])} | "
-                 f"{_pct(row['win_rate_train'])} | "
-                 f"{row['mean_final_test_loss']:.4f} |")
-  if n["other_learned_optimizers"]:
-    lines += ["", "## Other learned optimizers (levers), same tasks", "",
-              "| learned optimizer | wins (test) | wins (train) | mean test "
-              "loss |", "|---|---|---|---|"]
-    for k, row in n["other_learned_optimizers"].items():
-      lines.append(f"| {k} | {_pct(row['win_rate_test'])} | "
-                   f"{_pct(row['win_rate_train'])} | "
-                   f"{row['mean_final_test_loss']:.4f} |")
-  lines += ["", "## Tasks never seen in meta-training (no target)", "",
-            "| task | wins (test) | wins (train) | mean test loss | best "
-            "baseline |", "|---|---|---|---|---|"]
-  for task, row in n["unseen_architectures"].items():
-    lines.append(f"| {task} ({len(row['tasks'])} tasks) | "
-                 f"{_pct(row['win_rate_test'])} | "
-                 f"{_pct(row['win_rate_train'])} | "
-                 f"{row['mean_final_test_loss']:.4f} | "
-                 f"{row['best_baseline_mean_final_test_loss']:.4f} |")
-  speed = n["step_speed_in_scan"]
-  if speed:
-    lines += ["", "Learned step / Adam's step, CPU time inside a jitted "
-              "lax.scan, interleaved (" + speed["source"] + "): " +
-              ", ".join(f"{t} {v['cpu_ratio_to_adam']:.2f}x"
-                        for t, v in speed["tasks"].items()) + "."]
-  return "\n".join(lines)
