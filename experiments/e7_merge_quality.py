@@ -63,7 +63,10 @@ def collect(cfg, out_dir, labels, sizes, seed):
   for label, theta in found.items():
     np.save(out_dir / "merge_draws" / "leaf_sizes.npy", mq.leaf_sizes(theta))
     for k in sizes["ks"]:
-      est = study.build("HybridRPES", family, lopt, cfg, k, staggered=False)
+      # Residuals above 1 GiB are recomputed (the same gradients): two
+      # processes at k = 1000 otherwise outgrow a 24 GiB machine.
+      est = study.build("HybridRPES", family, lopt, cfg, k, staggered=False,
+                        remat_memory_budget_mb=1024)
       for point in sizes["points"]:
         path = draws_file(out_dir, label, point, k)
         if path.exists():

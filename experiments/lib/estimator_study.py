@@ -79,8 +79,9 @@ def heldout_tasks(cfg: Dict[str, Any], seed: int = 0) -> List[Any]:
 
 
 def build(name: str, family, lopt, cfg: Dict[str, Any], k: int,
-          staggered: bool = True):
-  """Estimator `name` with truncations of k steps on `family`."""
+          staggered: bool = True, **ours):
+  """Estimator `name` with truncations of k steps on `family`; `ours`:
+  more arguments of our estimators (e.g. remat_memory_budget_mb)."""
   sched = truncation_schedule.ConstantTruncationSchedule(cfg["inner_steps"])
   shared = dict(num_tasks=cfg["num_tasks"], steps_per_jit=cfg["steps_per_jit"],
                 random_initial_iteration_offset=(cfg["inner_steps"]
@@ -88,7 +89,8 @@ def build(name: str, family, lopt, cfg: Dict[str, Any], k: int,
   if name in OURS:
     return OURS[name](family, lopt, sched, unroll_length=k,
                       sigma=cfg["sigma"], meta_loss_split="outer_valid",
-                      meta_loss_evals=1, max_loss=cfg["max_loss"], **shared)
+                      meta_loss_evals=1, max_loss=cfg["max_loss"], **shared,
+                      **ours)
   kwargs = dict(trunc_sched=sched, train_and_meta=True, **shared)
   if name == "TruncatedPES":
     kwargs.update(trunc_length=k, std=cfg["sigma"])
