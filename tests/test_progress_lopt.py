@@ -317,3 +317,29 @@ def test_every_estimator_gives_a_finite_gradient_along_the_true_one(name):
   if MIN_COSINE[name] > 0.9:
     np.testing.assert_allclose(got, exact, rtol=0.02,
                                atol=1e-3 * np.linalg.norm(exact))
+
+
+def test_a_staggered_first_run_is_told_its_own_length():
+  """With random_initial_iteration_offset, sample i's first run starts at
+  step s_i of a T-step schedule: the optimizer must see T - s_i steps so its
+  progress reaches 1 when the run ends, and later runs see T again."""
+  est = estimators.VariationalRP(
+      fx.fixed_quadratic_family(), _lopt(),
+      truncation_schedule.ConstantTruncationSchedule(STEPS), num_tasks=8,
+      unroll_length=5, steps_per_jit=5, sigma=1e-3,
+      random_initial_iteration_offset=STEPS)
+  theta = _lopt().init(jax.random.PRNGKey(0))
+  weights = fx.worker_weights(theta)
+  state = est.init_worker_state(weights, jax.random.PRNGKey(4))
+  offsets = np.asarray(state.inner_step)
+  assert len(set(offsets.tolist())) > 1  # really staggered
+  told = np.asarray(state.inner_opt_state.num_steps)
+  np.testing.assert_array_equal(told, STEPS - offsets)
+  # Six truncations of 5 steps end every first run (at most 25 steps) and
+  # start a second one, which is told the whole T.
+  for i in range(STEPS // 5 + 1):
+    out, _ = est.compute_gradient_estimate(weights, jax.random.PRNGKey(10 + i),
+                                           state)
+    state = out.unroll_state
+  np.testing.assert_array_equal(np.asarray(state.inner_opt_state.num_steps),
+                                STEPS)

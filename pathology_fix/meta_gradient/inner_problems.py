@@ -105,25 +105,35 @@ class InnerProblems:
 
   # Init and reset.
 
-  def _init_one(self, theta, outer_state, key) -> VariationalUnrollState:
+  def _init_one(self, theta, outer_state, key,
+                offset) -> VariationalUnrollState:
+    """A fresh inner problem that starts `offset` steps into its run.
+
+    A staggered run (offset > 0) is a whole run of length - offset steps:
+    the learned optimizer is told that many steps, so one that reads its
+    progress (step / num_steps) sees its schedule from start to end.
+    """
     key_task, key_params, key_length, key_opt = jax.random.split(key, 4)
     task_param = self.task_family.sample(key_task)
     params, model_state = self.task_family.task_fn(task_param).init_with_state(
         key_params)
     truncation_state = jax.tree_util.tree_map(
         jnp.asarray, self.trunc_sched.init(key_length, outer_state))
+    offset = jnp.minimum(offset, truncation_state.length - 1)
     opt_state = self.learned_opt.opt_fn(theta, is_training=True).init(
-        params, model_state, num_steps=truncation_state.length, key=key_opt)
+        params, model_state, num_steps=truncation_state.length - offset,
+        key=key_opt)
     return VariationalUnrollState(
         inner_opt_state=opt_state,
         task_param=task_param,
-        inner_step=jnp.asarray(0, dtype=jnp.int32),
+        inner_step=jnp.asarray(offset, dtype=jnp.int32),
         truncation_state=truncation_state)
 
-  def _init_sharded(self, theta, outer_state, keys):
-    states = jax.vmap(self._init_one, in_axes=(None, None, 0))(theta,
-                                                                outer_state,
-                                                                keys)
+  def _init_sharded(self, theta, outer_state, keys, offsets=None):
+    if offsets is None:
+      offsets = jnp.zeros((keys.shape[0],), jnp.int32)
+    states = jax.vmap(self._init_one, in_axes=(None, None, 0, 0))(
+        theta, outer_state, keys, offsets)
     return self.sharding.constrain(strong_types(states), axis=0)
 
   def init_state(self, theta, outer_state, key,
@@ -131,13 +141,13 @@ class InnerProblems:
     """Fresh inner problems; optionally staggered so they end at different times."""
     theta, outer_state, key = self.sharding.replicate((theta, outer_state, key))
     key_init, key_offset = jax.random.split(key)
-    state = self._init_states(theta, outer_state,
-                              jax.random.split(key_init, self.num_samples))
+    offsets = jnp.zeros((self.num_samples,), jnp.int32)
     if random_initial_iteration_offset:
-      offset = jax.random.randint(key_offset, (self.num_samples,), 0,
-                                  random_initial_iteration_offset, jnp.int32)
-      offset = jnp.minimum(offset, state.truncation_state.length - 1)
-      state = state.replace(inner_step=offset.astype(jnp.int32))
+      offsets = jax.random.randint(key_offset, (self.num_samples,), 0,
+                                   random_initial_iteration_offset, jnp.int32)
+    state = self._init_states(theta, outer_state,
+                              jax.random.split(key_init, self.num_samples),
+                              offsets)
     return self.sharding.put(state, axis=0)
 
   def _reset_finished(self, theta, state, outer_state, key):
