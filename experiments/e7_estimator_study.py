@@ -115,7 +115,9 @@ def part2_meta_training(cfg, family, lopt, out_dir, numbers, cache, seed0):
           train_meta_loss=run["train_meta_loss"])
       part["runs"].append(row)
       runs[name] = part["runs"]
-      if name == "HybridRPES" and seed == cfg["seeds"][0]:
+      # Part 1's mid theta; a part-2-only rerun keeps the one part 1 used.
+      if (name == "HybridRPES" and seed == cfg["seeds"][0] and
+          not cfg["part2_only"]):
         files.save_mid_theta(out_dir, run["checkpoints"][_mid_index(cfg)], seed)
       study.progress(f"  meta-test {row['meta_test'][0]:.3f} -> "
                      f"{row['meta_test'][-1]:.3f} after "
