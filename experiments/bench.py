@@ -34,11 +34,12 @@ cache, so only the first process of each shape pays full compile time.
 --profile adds a part-by-part timing of one HybridRPES chunk with XLA's cost
 estimates. The parent prints the Markdown table and, with --out FILE,
 writes FILE.md and FILE.json. The children's code is in experiments/lib/
-(bench_child, bench_runs, bench_profile, bench_report).
+(bench_child, bench_runs, bench_profile, bench_phases, bench_report).
 """
 
 import argparse
 import json
+import os
 import pathlib
 import shutil
 import sys
@@ -47,8 +48,31 @@ import time
 from typing import Any, Dict, List
 
 from experiments.lib.bench_report import add_ratios, markdown, profile_markdown
+from experiments.lib.bench_report import summary_keys, summary_markdown
+from experiments.lib.bench_runs import AUTO, AUTO_WHOLE_CHUNK
 from experiments.lib.bench_runs import DEFAULT_CACHE_DIR, ESTIMATORS
 from experiments.lib.bench_child import run_in_child
+from experiments.lib.bench_runs import EXTRA_ESTIMATORS, REMAT_WHOLE_CHUNK
+
+# The performance table's groups: (task, k, n, estimators). HybridRPES as the
+# library runs it ("auto") against forward-only ES on conv3 and the headline
+# set-up, each beside the engine without per-step checkpoints; the cost per
+# sample on the headline set-up against n; peak memory of the rematerialized
+# pass at k = 10 and 1,000.
+_SPEED = (AUTO, AUTO_WHOLE_CHUNK, "TruncatedES", "VariationalES")
+_REMAT = "HybridRPES (remat)"
+# The whole-chunk variants hold every chunk's residuals: 3.7 GiB for conv3 at
+# k = 100 and 3.4 GiB for the headline at n = 80, so they run where they fit.
+_NO_BREAKDOWN = dict(breakdown=False, repeats=1)
+PERF_GROUPS = (
+    [("headline", 50, 10, _SPEED, {})] +
+    [("cnn", 10, 2, _SPEED + (_REMAT,), {}),
+     ("cnn", 100, 2, (AUTO, "TruncatedES", "VariationalES"), {})] +
+    [("quadratic:1000", k, 2, (_REMAT, REMAT_WHOLE_CHUNK, "TruncatedES"), {})
+     for k in (10, 1000)] +
+    [("headline", 50, n, (AUTO, "VariationalES") + (
+        (AUTO_WHOLE_CHUNK,) if n <= 20 else ()), {}) for n in (20, 40, 80)] +
+    [("cnn", 1000, 2, (_REMAT,), _NO_BREAKDOWN)])
 
 # name -> settings. task_lengths / task_samples override lengths / samples.
 PRESETS = {
@@ -78,6 +102,12 @@ PRESETS = {
                  samples=(2,), task_samples={}, cnn_image_size=8,
                  cnn_batch_size=4, warmup=2, repeats={"quadratic": 2, "cnn": 2},
                  mem_steps=1, config_timeout=300, budget_s=None),
+    # The performance table (PERF_GROUPS), one core: about 40 minutes.
+    "perf": dict(tasks=(), lengths=(), task_lengths={}, samples=(),
+                 task_samples={}, cnn_image_size=8, cnn_batch_size=8,
+                 warmup=2, repeats={"quadratic": 5, "cnn": 5, "headline": 5},
+                 mem_steps=1, config_timeout=1800, budget_s=None,
+                 groups=PERF_GROUPS),
 }
 
 def _parse_ints(text: str) -> List[int]:
@@ -90,11 +120,21 @@ def build_groups(args) -> List[Dict[str, Any]]:
   tasks = args.tasks.split(",") if args.tasks else list(preset["tasks"])
   estimators_ = args.estimators.split(",") if args.estimators else list(
       ESTIMATORS)
+  known = ESTIMATORS + EXTRA_ESTIMATORS
   for name in estimators_:
-    if name not in ESTIMATORS:
-      raise SystemExit(f"unknown estimator {name!r}; choose from {ESTIMATORS}")
-  groups = []
-  for task in tasks:
+    if name not in known:
+      raise SystemExit(f"unknown estimator {name!r}; choose from {known}")
+  common = dict(kind="group", spj=args.steps_per_jit,
+                warmup=args.warmup or preset["warmup"],
+                mem_steps=preset["mem_steps"],
+                cnn_image_size=args.cnn_image_size or preset["cnn_image_size"],
+                cnn_batch_size=args.cnn_batch_size or preset["cnn_batch_size"])
+  groups = [{**common, "task": task, "k": k, "n": n, "estimators": list(names),
+             "repeats": preset["repeats"][task.partition(":")[0]],
+             **options, **({"repeats": args.repeats} if args.repeats else {})}
+            for task, k, n, names, options in preset.get("groups", ())
+            if not args.tasks or task in tasks]
+  for task in tasks if "groups" not in preset else ():
     if args.lengths:
       lengths = _parse_ints(args.lengths)
     else:
@@ -129,13 +169,15 @@ def _parser() -> argparse.ArgumentParser:
                  help="CPU preset, < 5 min on 2 cores (= --preset quick)")
   p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                  help="quick (CPU), full (CPU, slow), gpu (one H100, < 4 "
-                 "min), tiny (smoke test)")
+                 "min), tiny (smoke test), perf (the performance table)")
   p.add_argument("--samples", default=None,
                  help="comma-separated n (antithetic pairs), e.g. 8,16,32")
   p.add_argument("--lengths", default=None, help="comma-separated k")
-  p.add_argument("--tasks", default=None, help="quadratic,cnn")
+  p.add_argument("--tasks", default=None,
+                 help="quadratic[:dim],cnn,headline")
   p.add_argument("--estimators", default=None,
-                 help="comma-separated subset of: " + ", ".join(ESTIMATORS))
+                 help="comma-separated subset of: " + ", ".join(
+                     ESTIMATORS + EXTRA_ESTIMATORS))
   p.add_argument("--repeats", type=int, default=None)
   p.add_argument("--warmup", type=int, default=None)
   p.add_argument("--steps-per-jit", type=int, default=10)
@@ -175,6 +217,7 @@ def main(argv=None):
     cache_dir = args.cache_dir or DEFAULT_CACHE_DIR
 
   t0 = time.perf_counter()
+  load_at_start = os.getloadavg()
 
   def over_budget():
     return budget is not None and time.perf_counter() - t0 > budget - 10
@@ -235,9 +278,13 @@ def main(argv=None):
       shutil.rmtree(tmp_cache, ignore_errors=True)
 
   add_ratios(results)
+  load_at_end = os.getloadavg()
   summary = (f"preset {args.preset}, steps_per_jit {args.steps_per_jit}, "
+             f"load average {load_at_start[0]:.2f} at start and "
+             f"{load_at_end[0]:.2f} at end, "
              f"total {time.perf_counter() - t0:.0f} s")
-  table = markdown(results, summary)
+  table = markdown(results, summary) + "\n" + summary_markdown(
+      summary_keys(results))
   if profiles:
     table += "\n" + profile_markdown(profiles)
   print(table)
@@ -250,8 +297,10 @@ def main(argv=None):
     for r in results + profiles:
       r.pop("cache_dir", None)
     stem.with_suffix(".json").write_text(json.dumps(
-        dict(preset=args.preset, argv=sys.argv[1:], results=results,
-             profiles=profiles),
+        dict(preset=args.preset, argv=sys.argv[1:],
+             load_average_at_start=load_at_start,
+             load_average_at_end=load_at_end, **summary_keys(results),
+             results=results, profiles=profiles),
         indent=1, default=str))
     print(f"[bench] wrote {stem.with_suffix('.md')} and "
           f"{stem.with_suffix('.json')}", file=sys.stderr)

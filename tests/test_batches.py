@@ -87,3 +87,35 @@ def test_block_read_is_the_slice_of_lo_get_batches(name, samples):
     got = batches.get_batches(own, split, steps, n, samples)
     _assert_trees_equal(got, jax.tree_util.tree_map(lambda x: x[:, samples],
                                                     want))
+
+
+def test_block_read_fills_given_arrays():
+  want = batches.get_batches(_digits(), "train", 3, 4, [1, 2])
+  out = jax.tree_util.tree_map(lambda x: np.zeros((2,) + x.shape, x.dtype),
+                               want)
+  got = batches.get_batches(_digits(), "train", 3, 4, [1, 2],
+                            out=jax.tree_util.tree_map(lambda x: x[1], out))
+  _assert_trees_equal(got, want)
+  _assert_trees_equal(jax.tree_util.tree_map(lambda x: x[1], out), want)
+
+
+def test_chunk_data_is_lo_get_batches_stacked_over_evaluations():
+  """Train batches, then each evaluation's outer_valid batches, LO's order."""
+  from pathology_fix.meta_gradient import inner_problems  # pylint: disable=g-import-not-at-top
+  from pathology_fix.meta_gradient import sharding  # pylint: disable=g-import-not-at-top
+  steps, n, evals = 3, 10, 2
+  problems = inner_problems.InnerProblems(
+      tasks_base.TaskFamily(), None, None, n, steps, "outer_valid", evals,
+      10.0, "per_batch", sharding.SampleSharding(n, enabled=False))
+  problems.task_family.datasets = _round_robin()
+  lo_family = tasks_base.TaskFamily()
+  lo_family.datasets = _round_robin()
+  for _ in range(2):
+    train, meta = problems.chunk_data()
+    want_train = training.get_batches(lo_family, (steps, n), numpy=True)
+    want_meta = [training.get_batches(lo_family, (steps, n), numpy=True,
+                                      split="outer_valid")
+                 for _ in range(evals)]
+    _assert_trees_equal(train, want_train)
+    _assert_trees_equal(meta, jax.tree_util.tree_map(
+        lambda *xs: np.stack(xs, axis=2), *want_meta))

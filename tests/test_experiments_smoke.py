@@ -33,6 +33,7 @@ QUICK_SCRIPTS = [
       "gradient_quality.png")),
     ("experiments.bench_data", ()),
     ("experiments.bench_distributed", ()),
+    ("experiments.bench_headline", ()),
 ]
 # Only stops hangs: a cold start compiles for a minute on busy cores.
 TIMEOUT_S = 900

@@ -11,6 +11,7 @@ from learned_optimization.learned_optimizers import mlp_lopt
 from learned_optimization.outer_trainers import truncation_schedule
 from learned_optimization.tasks import quadratics
 from pathology_fix.meta_gradient import estimators
+from pathology_fix.meta_gradient import inner_problems
 from pathology_fix.meta_gradient import schedules
 
 SIGMA = 0.1
@@ -54,6 +55,43 @@ def test_rematerialized_and_stored_gradients_are_equal(lopt):
     assert np.any(np.asarray(a) != 0)
     # Same math, differently fused by XLA: equal to float32 round-off.
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("lopt, data", [
+    (lopt_base.LearnableSGDM, False),
+    pytest.param(mlp_lopt.MLPLOpt, True, marks=pytest.mark.slow),
+])
+@pytest.mark.parametrize("remat", [True, False])
+def test_step_checkpoints_leave_the_gradient_unchanged(lopt, data, remat):
+  """What the reverse pass keeps per inner step is memory, not math."""
+  theta = lopt().init(jax.random.PRNGKey(0))
+  outs = {}
+  for checkpoint in inner_problems.STEP_CHECKPOINTS:
+    family = (fx.seeded_quadratic_family(4) if data else
+              quadratics.FixedDimQuadraticFamily(4))
+    est = _hybrid(lopt(), family=family, rematerialize=remat)
+    est.unroller.problems.step_checkpoint = checkpoint
+    state = est.init_worker_state(fx.worker_weights(theta),
+                                  jax.random.PRNGKey(1))
+    eps = est.perturbations(jax.random.PRNGKey(2), theta)
+    outs[checkpoint] = est.unroller.unroll(
+        theta, eps, state, jax.random.PRNGKey(3), 30, with_rp_grads=True)
+  plain = outs.pop(None)
+  for out in outs.values():
+    np.testing.assert_array_equal(out.losses, plain.losses)
+    for a, b in zip(jax.tree_util.tree_leaves(out.final_opt_states),
+                    jax.tree_util.tree_leaves(plain.final_opt_states)):
+      np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree_util.tree_leaves(out.rp_grads),
+                    jax.tree_util.tree_leaves(plain.rp_grads)):
+      assert np.any(np.asarray(b) != 0)
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_step_checkpoint_default_is_a_known_policy():
+  assert inner_problems.DEFAULT_STEP_CHECKPOINT in inner_problems.STEP_CHECKPOINTS
+  assert (_hybrid().unroller.problems.step_checkpoint ==
+          inner_problems.DEFAULT_STEP_CHECKPOINT)
 
 
 def test_auto_rematerializes_above_the_chunk_threshold():

@@ -65,6 +65,10 @@ def add_ratios(results: List[Dict[str, Any]]) -> None:
                                 base.get("peak_mem_bytes")) if ok else None
       if r["estimator"] in HYBRID and es is not None and "error" not in es:
         r["time_vs_es"] = _ratio(r["median_s"], es["median_s"])
+      var_es = group.get("VariationalES")
+      if (r["estimator"] in HYBRID and var_es is not None and
+          "error" not in var_es):
+        r["time_vs_variational_es"] = _ratio(r["median_s"], var_es["median_s"])
 
 
 def markdown(results: List[Dict[str, Any]], args_summary: str,
@@ -98,17 +102,30 @@ def markdown(results: List[Dict[str, Any]], args_summary: str,
                  if r["estimator"] in HYBRID and "error" not in r]
   if hybrid_rows:
     lines += ["## HybridRPES against TruncatedES and its own forward pass", "",
-              "| task | k | n | variant | time / TruncatedES | forward-only "
-              "unroll s | unroll + reverse s | reverse share |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| task | k | n | variant | time / TruncatedES | time / "
+              "VariationalES | forward-only unroll s | unroll + reverse s | "
+              "reverse share | phases s: data / forward / reverse / merge (CPU: "
+              "process CPU time) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in hybrid_rows:
       fwd, full = r.get("forward_s"), r.get("unroll_with_reverse_s")
       share = (1 - fwd / full) if fwd and full else None
+      # CPU time where measured: robust to other jobs on the machine.
+      clock = "_cpu" if "phase_data_cpu_s" in r else ""
+      phases = " / ".join(
+          f"{r[f'phase_{p}{clock}_s']:.4f}" for p in ("data", "forward",
+                                                      "reverse", "merge")
+      ) if "phase_data_s" in r else "n/a"
+      phases += " CPU" if clock else ""
+      if "phase_remat" in r:
+        phases += " (remat)" if r["phase_remat"] else " (stored)"
       lines.append(
           f"| {r['task']} | {r['k']} | {r['n']} | {r['estimator']} | "
           f"{_fmt_ratio(r.get('time_vs_es'))} | "
-          f"{fwd:.4f} | {full:.4f} | "
-          f"{'n/a' if share is None else f'{100 * share:.0f}%'} |")
+          f"{_fmt_ratio(r.get('time_vs_variational_es'))} | "
+          f"{'n/a' if fwd is None else f'{fwd:.4f}'} | "
+          f"{'n/a' if full is None else f'{full:.4f}'} | "
+          f"{'n/a' if share is None else f'{100 * share:.0f}%'} | {phases} |")
     lines.append("")
 
   # Memory growth of the rematerialized reverse pass with k.
@@ -172,7 +189,14 @@ def markdown(results: List[Dict[str, Any]], args_summary: str,
       "- 'forward-only unroll' is HybridRPES's own unroll without the reverse "
       "pass (what VariationalES costs); 'reverse share' = 1 - forward / "
       "(unroll + reverse).",
-      "- Tasks: " + "; ".join(task_labels) + ". Learned optimizer: MLPLOpt.",
+      "- Tasks: " + "; ".join(task_labels) + ". Learned optimizer: MLPLOpt "
+      "(the headline set-up: NNAdam; its TruncatedES uses LO's "
+      "train_and_meta, one outer_valid batch per step against our 2).",
+      "- Whole-chunk residuals: the reverse pass keeping every intermediate "
+      "of a chunk (`InnerProblems.step_checkpoint = None`, the engine before "
+      "per-step checkpoints), in the same process. Phases: one truncation "
+      "replayed piece by piece, blocking after each (host data and its "
+      "transfer, forward chunks, reverse chunks, the merge).",
       "- " + mem_note,
       "- 'compiles in timed steps' counts XLA compilations during the timed "
       "repeats (0 = no recompilation after warm-up).",
@@ -207,3 +231,85 @@ def profile_markdown(profiles: List[Dict[str, Any]]) -> str:
                 f"{p['task']} n={p['n']}: {p['residual_mib_per_chunk']:.1f} MiB"
                 for p in profiles if "error" not in p) + ".", ""]
   return "\n".join(lines)
+
+
+def _median_of(results, task, k, n, estimator):
+  for r in results:
+    if (r["task"], r["k"], r["n"], r["estimator"]) == (task, k, n, estimator) \
+        and "error" not in r:
+      return r
+  return None
+
+
+def summary_keys(results: List[Dict[str, Any]]) -> Dict[str, Any]:
+  """The machine-readable figures of the performance table.
+
+  hybrid_over_forward_es[task][k]: HybridRPES's outer-step time (the
+    library default, rematerialize="auto") over LO's forward-only
+    TruncatedES, measured side by side (the group with the fewest samples);
+    hybrid_over_variational_es the same over VariationalES (HybridRPES's own
+    unrolls, forward only); *_whole_chunk: the engine without per-step
+    checkpoints, in the same process; *_cpu_time: the same ratios of the
+    process's CPU time (robust to other jobs on a shared machine).
+  cost_per_sample_s[n] on the headline set-up and its n=40 / n=10 ratio.
+  memory_k1000_over_k10[task]: peak memory of the rematerialized pass
+    (rematerialize=True) at k=1000 over k=10; *_whole_chunk likewise.
+  """
+  from experiments.lib.bench_runs import AUTO, AUTO_WHOLE_CHUNK, REMAT_WHOLE_CHUNK  # pylint: disable=g-import-not-at-top
+  ratios = [f"hybrid_over_{b}_es{s}{t}" for b in ("forward", "variational")
+            for s in ("", "_whole_chunk") for t in ("", "_cpu_time")]
+  out = {key: {} for key in ratios + [
+      "memory_k1000_over_k10", "memory_k1000_over_k10_whole_chunk",
+      "cost_per_sample_s", "cost_per_sample_s_whole_chunk"]}
+  groups = sorted({(r["task"], r["k"], r["n"]) for r in results},
+                  key=lambda g: (g[0], g[1], -g[2]))
+  for task, k, n in groups:  # the smallest n of each (task, k) wins
+    for hybrid, suffix in ((AUTO, ""), (AUTO_WHOLE_CHUNK, "_whole_chunk")):
+      h = _median_of(results, task, k, n, hybrid)
+      for base, key in (("TruncatedES", "hybrid_over_forward_es"),
+                        ("VariationalES", "hybrid_over_variational_es")):
+        b = _median_of(results, task, k, n, base)
+        if h and b:
+          out[key + suffix].setdefault(task, {})[str(k)] = (
+              h["median_s"] / b["median_s"])
+          if h.get("median_cpu_s") and b.get("median_cpu_s"):
+            out[key + suffix + "_cpu_time"].setdefault(task, {})[str(k)] = (
+                h["median_cpu_s"] / b["median_cpu_s"])
+  for hybrid, suffix in ((AUTO, ""), (AUTO_WHOLE_CHUNK, "_whole_chunk")):
+    for task, k, n in groups:
+      h = _median_of(results, task, k, n, hybrid)
+      if task == "headline" and h:
+        out["cost_per_sample_s" + suffix][str(n)] = h["median_s"] / n
+        out.setdefault("cost_per_sample_cpu_s" + suffix, {})[str(n)] = (
+            h.get("median_cpu_s", float("nan")) / n)
+    for per_key, ratio_key in (("cost_per_sample_s", ""),
+                               ("cost_per_sample_cpu_s", "_cpu_time")):
+      per = out.get(per_key + suffix, {})
+      if "40" in per and "10" in per:
+        out["cost_per_sample_n40_over_n10" + suffix + ratio_key] = (
+            per["40"] / per["10"])
+  for remat, suffix in (("HybridRPES (remat)", ""),
+                        (REMAT_WHOLE_CHUNK, "_whole_chunk")):
+    for task in sorted({g[0] for g in groups}):
+      ns = sorted({g[2] for g in groups if g[0] == task})
+      for n in ns:
+        lo, hi = (_median_of(results, task, k, n, remat) for k in (10, 1000))
+        if lo and hi and lo.get("peak_mem_bytes") and hi.get("peak_mem_bytes"):
+          out["memory_k1000_over_k10" + suffix][task] = (
+              hi["peak_mem_bytes"] / lo["peak_mem_bytes"])
+  return out
+
+
+def summary_markdown(keys: Dict[str, Any]) -> str:
+  """The summary figures as a Markdown list (see `summary_keys`)."""
+  lines = ["## Summary figures (JSON keys)", ""]
+  for key, value in keys.items():
+    if isinstance(value, dict):
+      value = ", ".join(
+          f"{k}: " + (", ".join(f"k={kk} {vv:.2f}x" for kk, vv in v.items())
+                      if isinstance(v, dict) else f"{v:.4g}")
+          for k, v in value.items()) or "n/a"
+    else:
+      value = f"{value:.3f}"
+    lines.append(f"- {key}: {value}")
+  return "\n".join(lines) + "\n"

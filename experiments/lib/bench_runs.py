@@ -8,13 +8,26 @@ states), CPU/GPU peak memory. The spawn-process plumbing is `bench_child`.
 import ctypes
 import os
 import statistics
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
+from experiments.lib import bench_headline
+from experiments.lib import bench_phases
+
 ESTIMATORS = ("HybridRPES (remat)", "HybridRPES (stored)", "TruncatedGrad",
               "TruncatedES", "TruncatedPES")
+# Also accepted by --estimators: the library default ("auto"), the same with
+# the reverse pass keeping every intermediate of a chunk (the engine before
+# per-step checkpoints, `inner_problems.STEP_CHECKPOINTS[None]`), and
+# VariationalES, forward only on HybridRPES's own unrolls.
+AUTO = "HybridRPES (auto)"
+AUTO_WHOLE_CHUNK = "HybridRPES (auto) whole-chunk"
+REMAT_WHOLE_CHUNK = "HybridRPES (remat) whole-chunk"
+EXTRA_ESTIMATORS = (AUTO, AUTO_WHOLE_CHUNK, REMAT_WHOLE_CHUNK, "VariationalES")
+WHOLE_CHUNK = (AUTO_WHOLE_CHUNK, REMAT_WHOLE_CHUNK)
 BASELINE = "TruncatedGrad"
-HYBRID = ("HybridRPES (remat)", "HybridRPES (stored)")
+HYBRID = ("HybridRPES (remat)", "HybridRPES (stored)") + (AUTO,) + WHOLE_CHUNK
 DEFAULT_CACHE_DIR = os.path.join(
     os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
     "pathology_fix", "bench_xla")
@@ -129,7 +142,7 @@ def _synthetic_cnn_family(image_size: int, batch_size: int):
 
 
 def make_estimator(name: str, family, lopt, n: int, k: int, total: int,
-                    spj: int):
+                    spj: int, task: str = ""):
   import pathology_fix  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   from learned_optimization.outer_trainers import truncated_es  # pylint: disable=g-import-not-at-top
   from learned_optimization.outer_trainers import truncated_grad  # pylint: disable=g-import-not-at-top
@@ -137,18 +150,33 @@ def make_estimator(name: str, family, lopt, n: int, k: int, total: int,
   from learned_optimization.outer_trainers import truncation_schedule  # pylint: disable=g-import-not-at-top
   from pathology_fix.meta_gradient import estimators  # pylint: disable=g-import-not-at-top
   sched = truncation_schedule.ConstantTruncationSchedule(total)
+  ours = bench_headline.ESTIMATOR_KWARGS if task == "headline" else {}
   if name in HYBRID:
-    return estimators.HybridRPES(
+    remat = {"HybridRPES (remat)": True, "HybridRPES (stored)": False,
+             REMAT_WHOLE_CHUNK: True}
+    est = estimators.HybridRPES(
         family, lopt, sched, num_tasks=n, unroll_length=k, steps_per_jit=spj,
-        rematerialize=name == "HybridRPES (remat)")
+        rematerialize=remat.get(name, "auto"), **ours)
+    if name in WHOLE_CHUNK:
+      est.unroller.problems.step_checkpoint = None
+    return est
+  if name == "VariationalES":
+    return estimators.VariationalES(
+        family, lopt, sched, num_tasks=n, unroll_length=k, steps_per_jit=spj,
+        **ours)
+  if task == "headline" and name != "TruncatedES":
+    raise ValueError(f"{name} is not benchmarked on the headline set-up")
   if name == "TruncatedGrad":
     return truncated_grad.TruncatedGrad(
         family, lopt, sched, num_tasks=2 * n, unroll_length=k,
         steps_per_jit=spj)
   if name == "TruncatedES":
+    # On the headline set-up LO's closest objective: the loss of one
+    # outer_valid batch per step (ours averages meta_loss_evals = 2).
     return truncated_es.TruncatedES(
         family, lopt, sched, num_tasks=n, unroll_length=k, steps_per_jit=spj,
-        std=0.01, stack_antithetic_samples=True)
+        std=0.01, stack_antithetic_samples=True,
+        train_and_meta=task == "headline")
   if name == "TruncatedPES":
     return truncated_pes.TruncatedPES(
         family, lopt, sched, num_tasks=n, trunc_length=k, steps_per_jit=spj,
@@ -168,6 +196,8 @@ def _init_jax(cfg):
 
 def _family(cfg):
   from learned_optimization.tasks import quadratics  # pylint: disable=g-import-not-at-top
+  if cfg["task"] == "headline":
+    return bench_headline.family(), bench_headline.LABEL
   if cfg["task"].startswith("quadratic"):
     dim = int(cfg["task"].partition(":")[2] or 10)
     return (quadratics.FixedDimQuadraticFamily(dim),
@@ -189,10 +219,11 @@ class _Clocked:
 
   def compute_gradient_estimate(self, *args, **kwargs):
     import jax  # pylint: disable=g-import-not-at-top
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     out, metrics = self.estimator.compute_gradient_estimate(*args, **kwargs)
     jax.block_until_ready((out.grad, out.unroll_state))
     self.seconds = time.perf_counter() - t
+    self.cpu_seconds = time.process_time() - c
     return out, metrics
 
 
@@ -208,8 +239,9 @@ class _Runner:
     self.name = name
     self.est = make_estimator(name, family, lopt, cfg["n"], cfg["k"],
                               total=cfg["k"] * (steps + 2) + cfg["spj"],
-                              spj=cfg["spj"])
+                              spj=cfg["spj"], task=cfg["task"])
     self.clocked = _Clocked(self.est)
+    self.cpu_seconds = []
     self.learner = outer_loop.learner(lopt)
     self.learner_state = self.learner.init(jax.random.PRNGKey(0))
     self.states = [self.est.init_worker_state(self.weights,
@@ -237,6 +269,7 @@ class _Runner:
     self.outer_step_seconds.append(time.perf_counter() - t)
     self.learner_state, self.states = out.learner_state, out.unroll_states
     self.calls += 1
+    self.cpu_seconds.append(self.clocked.cpu_seconds)
     return self.clocked.seconds
 
 
@@ -244,6 +277,8 @@ def _setup(cfg):
   jax = _init_jax(cfg)
   from learned_optimization.learned_optimizers import mlp_lopt  # pylint: disable=g-import-not-at-top
   family, task_label = _family(cfg)
+  if cfg["task"] == "headline":
+    return jax, family, task_label, bench_headline.learned_optimizer()
   return jax, family, task_label, mlp_lopt.MLPLOpt()
 
 
@@ -298,13 +333,20 @@ def run_group(cfg: Dict[str, Any]) -> List[Dict[str, Any]]:
         unrolls=2 * cfg["n"], warmup_s=warm[r.name], times_s=times[r.name],
         median_s=median, inner_steps_per_s=2 * cfg["n"] * cfg["k"] / median,
         compiles_during_timing=compiles[r.name],
+        # This process's CPU time (all threads) of the same timed steps: a
+        # step descheduled by other jobs does not accrue it.
+        median_cpu_s=statistics.median(
+            r.cpu_seconds[cfg["warmup"]:cfg["warmup"] + cfg["repeats"]]),
         # The whole library outer step (estimate + outer update + LO's
         # bookkeeping), over the timed repeats.
         outer_step_median_s=statistics.median(
             r.outer_step_seconds[cfg["warmup"]:cfg["warmup"] + cfg["repeats"]]))
-    if r.name in HYBRID:
+    if r.name in HYBRID and cfg.get("breakdown", True):
       res.update(_hybrid_breakdown(r.est, r.weights, r.state, cfg["k"],
                                    cfg["repeats"]))
+    if r.name in (AUTO, AUTO_WHOLE_CHUNK) and cfg.get("breakdown", True):
+      res.update(bench_phases.phase_seconds(r.est, r.weights, r.state,
+                                            cfg["k"], max(2, cfg["repeats"] // 2)))
     results.append(res)
   # Memory last: the malloc settings it needs would slow the timed steps.
   if device.platform == "cpu" and cfg["mem_steps"]:

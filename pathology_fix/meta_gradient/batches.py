@@ -16,7 +16,7 @@ the batch dropped.
 
 from typing import Any, Iterator, Sequence
 
-from learned_optimization import tree_utils
+import jax
 import numpy as np
 
 
@@ -30,23 +30,33 @@ def skip(iterator: Iterator[Any]):
 
 
 def get_batches(datasets, split: str, steps: int, num_samples: int,
-                samples: Sequence[int]) -> Any:
+                samples: Sequence[int], out: Any = None) -> Any:
   """Leaves [steps, len(samples), ...] (numpy): the batches of `samples`.
 
   Equals `training.get_batches(family, (steps, num_samples), numpy=True,
   split=split)[:, samples]` (with `datasets = family.datasets`, `samples`
-  sorted) and leaves the stream where that call leaves it.
+  sorted) and leaves the stream where that call leaves it. Each batch is
+  copied once, into arrays allocated at the first batch (LO stacks every
+  step, then the steps); `out`, leaves [steps, len(samples), ...] shaped
+  like the result (e.g. a view into a larger array), receives them instead.
   """
   keep = np.zeros([num_samples], bool)
   keep[np.asarray(samples, np.int64)] = True
+  kept = int(keep.sum())
   iterator = datasets.split(split)
-  rows = []
-  for _ in range(steps):
-    row = []
-    for kept in keep:
-      if kept:
-        row.append(next(iterator))
-      else:
+  out_leaves, treedef = (None, None) if out is None else jax.tree_util.tree_flatten(out)
+  for step in range(steps):
+    j = 0
+    for is_kept in keep:
+      if not is_kept:
         skip(iterator)
-    rows.append(tree_utils.tree_zip_onp(row))
-  return tree_utils.tree_zip_onp(rows)
+        continue
+      leaves, batch_def = jax.tree_util.tree_flatten(next(iterator))
+      if out_leaves is None:
+        treedef = batch_def
+        out_leaves = [np.empty((steps, kept) + np.shape(x), np.asarray(x).dtype)
+                      for x in leaves]
+      for dst, x in zip(out_leaves, leaves, strict=True):
+        dst[step, j] = x
+      j += 1
+  return jax.tree_util.tree_unflatten(treedef, out_leaves)

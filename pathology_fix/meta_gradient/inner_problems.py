@@ -25,13 +25,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from learned_optimization import training
 from learned_optimization.outer_trainers import gradient_learner
 from pathology_fix_core import errors
 from pathology_fix.meta_gradient import batches
 from pathology_fix_core import objectives
 
 META_LOSS_SPLITS = ("train", "outer_valid")
+
+# What the reverse pass keeps of one inner step of a chunk (`jax.checkpoint`
+# policies; the forward pass alone is unaffected):
+#   None       every intermediate of every step (plain `jax.vjp` of the scan);
+#   "nothing"  only each step's carried inner states: the reverse pass
+#              recomputes one step, then pulls back through it;
+#   "dots"     the matrix products' outputs too; elementwise work recomputed.
+STEP_CHECKPOINTS = {
+    None: None,
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+}
+DEFAULT_STEP_CHECKPOINT = "nothing"
 
 
 @flax.struct.dataclass
@@ -81,8 +93,12 @@ class InnerProblems:
   """n inner problems of `task_family`, trained by `learned_opt`.
 
   task_family, learned_opt and trunc_sched follow LO's interfaces; `sharding`
-  is a `sharding.SampleSharding` for the sample axis.
+  is a `sharding.SampleSharding` for the sample axis. `step_checkpoint` (a
+  key of `STEP_CHECKPOINTS`) is what a reverse pass through `chunk` keeps per
+  inner step; it changes memory traffic, not the gradient.
   """
+
+  step_checkpoint = DEFAULT_STEP_CHECKPOINT
 
   def __init__(self, task_family, learned_opt, trunc_sched, num_samples: int,
                steps_per_jit: int, meta_loss_split: str, meta_loss_evals: int,
@@ -239,6 +255,11 @@ class InnerProblems:
       states, losses = per_sign(theta_pair, states, task_params, key, data, act)
       return states, losses
 
+    policy = STEP_CHECKPOINTS[self.step_checkpoint]
+    if self.step_checkpoint is not None:
+      # A step's residuals stay in cache while its pullback runs, instead of
+      # a whole chunk's being written out and read back (memory-bound).
+      step = jax.checkpoint(step, policy=policy, prevent_cse=False)
     opt_states, losses = jax.lax.scan(step, opt_states, (keys, datas, active))
     mask = jnp.broadcast_to(active[:, None, :], losses.shape)
     total, _ = objectives.clipped_loss_sum_and_count(losses, mask, self.max_loss)
@@ -253,35 +274,40 @@ class InnerProblems:
     active = step_index[:, None] < steps[None, :]
     return self.chunk_keys(key, chunk_index), active
 
-  def _batches(self, split: str):
+  def _batches(self, split: str, out=None):
     """Leaves [steps_per_jit, m, ...]: this process's samples' batches.
 
-    All n samples read by LO's `get_batches`, or (the mesh spans processes)
-    only `sharding.local_samples`, the others' batches skipped in the same
-    reading order (`batches.get_batches`).
+    LO's reading order (`training.get_batches`: step-major, sample-minor);
+    with a mesh over processes only `sharding.local_samples` are built, the
+    others' batches skipped (`batches.get_batches`). `out`: arrays to fill.
     """
-    samples = self.sharding.local_samples
-    if samples.shape[0] == self.num_samples:
-      return training.get_batches(self.task_family,
-                                  (self.steps_per_jit, self.num_samples),
-                                  numpy=True, split=split)
     return batches.get_batches(self.task_family.datasets, split,
-                               self.steps_per_jit, self.num_samples, samples)
+                               self.steps_per_jit, self.num_samples,
+                               self.sharding.local_samples, out=out)
 
   def chunk_data(self):
     """The next chunk's batches, leaves [steps_per_jit, m, ...] (numpy).
 
     m = n, or in a multi-process run only this process's samples
     (`sharding.local_samples`; place them with `put_process_local`).
+    Validation batches: leaves [steps_per_jit, m, meta_loss_evals, ...],
+    evaluation e read after evaluation e - 1 (all steps and samples each).
     """
     if self.task_family.datasets is None:
       return None if self.meta_loss_split == "train" else (None, None)
     train = self._batches("train")
     if self.meta_loss_split == "train":
       return train
-    evals = [self._batches("outer_valid") for _ in range(self.meta_loss_evals)]
-    meta = jax.tree_util.tree_map(lambda *xs: np.stack(xs, axis=2), *evals)
-    return train, meta
+    leaves, treedef = jax.tree_util.tree_flatten(self._batches("outer_valid"))
+    meta = [np.empty(x.shape[:2] + (self.meta_loss_evals,) + x.shape[2:],
+                     x.dtype) for x in leaves]
+    for m, x in zip(meta, leaves):
+      m[:, :, 0] = x
+    for e in range(1, self.meta_loss_evals):
+      # Read into place: no stack of the evaluations afterwards.
+      self._batches("outer_valid",
+                    out=treedef.unflatten([m[:, :, e] for m in meta]))
+    return train, treedef.unflatten(meta)
 
   def chunk_keys(self, key, chunk_index):
     keys = jax.random.split(

@@ -13,6 +13,11 @@ comes from reverse mode, chunk by chunk, in one of two ways:
   pytree holding the residuals) and the backward pass only applies it. No
   recompute, but every chunk's residuals stay alive until the backward pass.
 
+Within a chunk, what a residual is depends on `InnerProblems.step_checkpoint`:
+by default only each inner step's carried state, the step being recomputed
+under `jax.vjp` just before its pullback (so its intermediates stay in
+cache instead of a whole chunk's being written out and read back).
+
 `rematerialize="auto"` stores residuals while the truncation has at most
 `remat_chunk_threshold` chunks and they fit in `remat_memory_budget_mb`, and
 rematerializes otherwise. Every chunk function is jitted once per engine: the
