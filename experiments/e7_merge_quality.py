@@ -1,7 +1,7 @@
 r"""E7 part 1, merge quality: the hybrid's variance against the better estimator.
 
-  python -m experiments.e7_merge_quality [--theta init|mid] [--draws 40]
-      [--quick] [--replay_only] [--out DIR]
+  python -m experiments.e7_merge_quality [--theta init|mid] [--k K]
+      [--draws 40] [--quick] [--replay_only] [--out DIR]
 
 On E7's task distribution and settings (its results.json: MLPLOpt, 8x8
 Fashion-MNIST, sigma, n samples, validation meta-loss), at E7's two thetas
@@ -114,6 +114,8 @@ def main(argv=None):
   p = common.parser(__doc__.splitlines()[0])
   p.add_argument("--theta", choices=THETAS, action="append",
                  help="only this theta (repeatable; default both)")
+  p.add_argument("--k", type=int, choices=FULL["ks"], action="append",
+                 help="only this truncation length (repeatable; default all)")
   p.add_argument("--draws", type=int, default=None,
                  help="truncations per setting (default 40; quick 4)")
   p.add_argument("--replay_only", action="store_true",
@@ -124,6 +126,8 @@ def main(argv=None):
     if args.draws < 3:
       p.error(f"--draws must be >= 3, got {args.draws}")
     sizes["draws"] = args.draws
+  if args.k:
+    sizes["ks"] = tuple(k for k in sizes["ks"] if k in args.k)
   out_dir = common.results_dir(NAME, args.out)
   (out_dir / "merge_draws").mkdir(exist_ok=True)
   cfg = dict(files.stored(out_dir)["config"])
@@ -132,8 +136,9 @@ def main(argv=None):
   if not args.replay_only:
     collect(cfg, out_dir, labels, sizes, args.seed)
   study.progress(f"collected in {time.perf_counter() - t0:.0f} s")
-  # Every theta with draws on disk, so one process per theta ends complete.
-  rows = replay(out_dir, THETAS, sizes)
+  # Every theta and length with draws on disk, so one process per theta (or
+  # per length) ends complete.
+  rows = replay(out_dir, THETAS, FULL)
   write(out_dir, rows, "quick" if args.quick else "full")
   return 0
 
