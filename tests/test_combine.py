@@ -587,16 +587,20 @@ def _chaotic_samples(reps, n, rng):
   return rp, es, half, rp_std, chaotic
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-5])
 @pytest.mark.parametrize("with_half", [False, True])
-def test_chaotic_subset_within_1_1x_of_oracle_weights(with_half):
+def test_chaotic_subset_within_1_1x_of_oracle_weights(with_half, scale):
   """The regime the merge exists for: RP 100x worse on 10% of one tensor.
 
   Oracle: per-coordinate weights from the true variances. Pooling RP over the
   tensor would put ES noise on the 90% where RP is nearly exact (about 7x);
-  per-coordinate ES would weigh by noisy per-coordinate estimates.
+  per-coordinate ES would weigh by noisy per-coordinate estimates. At 1e-5
+  (ES per-sample std 1e-5, a real gradient's scale) an absolute floor on the
+  variances would make RP and ES look equally noisy everywhere.
   """
   n, reps = 10, 3000
   rp, es, half, rp_std, _ = _chaotic_samples(reps, n, np.random.default_rng(8))
+  rp, es, half, rp_std = (scale * x for x in (rp, es, half, rp_std))
   as32 = lambda x: {"x": jnp.asarray(x, jnp.float32)}
   if with_half:
     g, _ = jax.jit(jax.vmap(combine.inverse_variance_merge))(
@@ -605,7 +609,7 @@ def test_chaotic_subset_within_1_1x_of_oracle_weights(with_half):
     g, _ = jax.jit(jax.vmap(combine.inverse_variance_merge))(as32(rp),
                                                               as32(es))
   merged = _total_variance(g, reps)
-  v_rp, v_es = rp_std**2 / n, np.ones_like(rp_std) / n
+  v_rp, v_es = rp_std**2 / n, np.full_like(rp_std, scale**2) / n
   w = v_es / (v_rp + v_es)
   oracle = (w * rp.mean(axis=1) + (1 - w) * es.mean(axis=1))
   oracle_total = oracle.var(axis=0, ddof=1).sum()
