@@ -219,7 +219,7 @@ def _reject_overridden_bindings(**received):
   an explicit argument beats a gin binding: such a binding would be silently
   ignored. They must be bound on run_train.
   """
-  bound = gin.get_bindings("resumable_local_train")
+  bound = lo_api.get_bindings("resumable_local_train")
   for name, value in received.items():
     if name in bound and bound[name] != value:
       raise errors.InvalidArgument(
