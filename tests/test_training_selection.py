@@ -7,8 +7,7 @@ the best and continues the EMA, two processes pick the same best as one, and
 no validation task uses a held-out class.
 """
 
-import json
-import os
+import contextlib
 import shutil
 
 import flax
@@ -47,6 +46,18 @@ TINY = ("run_train.summary_every_n = 1",
 KINDS = ("latest", "ema")
 
 
+@contextlib.contextmanager
+def _gin(bindings=()):
+  """meta_validation.gin (which includes demo.gin) parsed in this process."""
+  gin.clear_config()
+  gin.add_config_file_search_path(str(CONFIG.parent))
+  try:
+    gin.parse_config_files_and_bindings([str(CONFIG)], list(bindings))
+    yield
+  finally:
+    gin.clear_config()
+
+
 def _train(run_dir, steps, extra_flags=()):
   return cli_utils.train_command(run_dir, f"run_train.num_steps = {steps}",
                                  *TINY, config_file=CONFIG,
@@ -62,7 +73,7 @@ def _run(run_dir, steps):
 
 @pytest.fixture(scope="module")
 def lopt():
-  with cli_utils.gin_config(CONFIG, TINY):
+  with _gin(TINY):
     return mlp_lopt.MLPLOpt()
 
 
@@ -123,7 +134,7 @@ def test_best_theta_is_the_argmin_of_the_logged_meta_validation(run3, lopt):
   state = _state(run_dir, 3, lopt)
   assert (int(state.best.step), state.best.kind) == (step, kind)
   # Scoring params_best again gives the logged best.
-  with cli_utils.gin_config(CONFIG, TINY):
+  with _gin(TINY):
     validator = mv.MetaValidation()
   again = validator.evaluate(lopt, {"best": best}).scores["best"]
   assert again == pytest.approx(score, rel=1e-5)
@@ -202,7 +213,7 @@ def test_two_processes_pick_the_same_best_as_one(run3, lopt, tmp_path):
 def test_validation_tasks_never_use_a_heldout_class(pool):
   bindings = TINY + (f"sample_fashion_mnist_family.class_pool = '{pool}'",
                      "MetaValidation.num_tasks = 12")
-  with cli_utils.gin_config(CONFIG, bindings):
+  with _gin(bindings):
     validator = mv.MetaValidation()
   seen = set()
   for t in validator.tasks:
@@ -235,10 +246,7 @@ def test_bindings_are_found_inside_lo_mains_default_scope():
 
 
 def test_ready_config_turns_everything_on():
-  with cli_utils.gin_config(CONFIG):
-    assert isinstance(gin.query_parameter(
-        "resumable_local_train.meta_validation").scoped_configurable_fn,
-                      object)
+  with _gin():
     opt = outer_schedule.scheduled_outer_optimizer()
     assert opt.schedule.schedule == "cosine"
     assert opt.learning_rate(0) < opt.learning_rate(5)  # warm-up
