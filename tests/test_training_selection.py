@@ -32,7 +32,7 @@ DECAY = 0.5
 TINY = ("run_train.summary_every_n = 1",
         "resumable_local_train.checkpoint_every_n_steps = 1",
         "resumable_local_train.keep = 100",
-        "VariationalEstimator.num_tasks = 2",
+        "VariationalEstimator.num_tasks = 6",
         "LinearTruncationCurriculum.k_max = 10",
         "ConstantTruncationSchedule.total_length = 40",
         "VariationalEstimator.random_initial_iteration_offset = 40",
