@@ -227,10 +227,11 @@ def meta_validation_curve(train_log_dir):
                  f"{fmt(r.get('meta_valid/latest'))} "
                  f"{fmt(r.get('meta_valid/ema'))}")
   last = rows[-1]
-  lines.append(
-      f"  best: {last['meta_valid_best']:.4f} at outer step "
-      f"{int(last['meta_valid_best_step'])} (params_best); meta-validation "
-      f"took {last['meta_valid_time_fraction']:.1%} of the wall time")
+  best = ("none finite" if last.get("meta_valid_best") is None else
+          f"{last['meta_valid_best']:.4f} at outer step "
+          f"{int(last['meta_valid_best_step'])} (params_best)")
+  lines.append(f"  best: {best}; meta-validation took "
+               f"{last['meta_valid_time_fraction']:.1%} of the wall time")
   return lines
 
 
