@@ -33,6 +33,7 @@ experiments/results/meta_validation/ (or --out). --quick: at most 4 thetas,
 2 validation tasks and 2 held-out tasks of 20 inner steps (smoke test).
 """
 
+import json
 import math
 import os
 import sys
@@ -50,11 +51,15 @@ QUICK = dict(max_thetas=4, meta_valid_tasks=2, inner_steps=20,
 
 def elapsed_minutes(run_dir: str) -> Dict[int, float]:
   """{outer step: minutes of the run when it ended}; step 0 at 0."""
-  from pathology_fix.runtime import checkpoints  # pylint: disable=g-import-not-at-top
   out = {0: 0.0}
-  for row in checkpoints.read_metrics(run_dir):
-    if row.get("elapsed_time") is not None:
-      out[int(row["step"])] = float(row["elapsed_time"]) / 60
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue  # a line cut short (a kill, or a run still writing)
+      if row.get("elapsed_time") is not None:
+        out[int(row["step"])] = float(row["elapsed_time"]) / 60
   return out
 
 
