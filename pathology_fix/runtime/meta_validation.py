@@ -42,6 +42,8 @@ Gin (see `MetaValidation` for all parameters):
   MetaValidation.inner_steps = 1000
   MetaValidation.every_n_steps = 10
   MetaValidation.max_time_fraction = 0.15
+  # what the training loop (`local_training`) runs every few outer steps:
+  resumable_local_train.meta_validation = @MetaValidation()
 
 Cost (the headline recipe: NNAdam, mlp2x32 on 8x8 images, 1,000 inner
 steps; one busy core of 2): ~0.16 s per task and theta, so 10 tasks x 2
