@@ -22,6 +22,11 @@ def test_demo_trains_then_compares_thetas_on_heldout_classes(tmp_path):
   # it must not log an ERROR.
   assert "Path not found" not in proc.stderr, proc.stderr[-2000:]
   assert [r["step"] for r in cli_utils.read_metrics(log_dir)] == [1, 2, 3]
+  # The demo's config turns meta-validation on; it prints the curve.
+  assert "Meta-validation (fixed tasks" in proc.stdout, proc.stdout[-2000:]
+  assert "(params_best)" in proc.stdout
+  assert (log_dir / "params_best").is_file()
+  assert (log_dir / "params_ema").is_file()
 
   heldout = json.loads((log_dir / "heldout_eval.json").read_text())
   assert heldout["setup"]["initial_params"] == "params_0"

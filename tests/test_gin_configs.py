@@ -19,6 +19,7 @@ CONFIGS = sorted((cli_utils.REPO / "gin_configs").glob("*.gin"))
 EXPECTED_ESTIMATOR = {
     "hybrid_quadratic": estimators.HybridRPES,
     "demo": estimators.HybridRPES,
+    "meta_validation": estimators.HybridRPES,
     "headline_nnadam_fmnist8": estimators.HybridRPES,
     "headline_progress_fmnist8": estimators.HybridRPES,
     "paper_hybrid": estimators.HybridRPES,

@@ -2,8 +2,12 @@
 
   python -m pathology_fix.demo [--train_log_dir runs/demo] [--num_steps N]
 
-Runs `python -m pathology_fix.train` with gin_configs/demo.gin (HybridRPES,
-validation meta-objective, 3-class Fashion-MNIST MLP tasks on classes 0-4).
+Runs `python -m pathology_fix.train` with gin_configs/meta_validation.gin:
+demo.gin's meta-training (HybridRPES, validation meta-objective, 3-class
+Fashion-MNIST MLP tasks on classes 0-4) with meta-validation every 10 outer
+steps, params_best, the theta EMA and a cosine outer learning rate; its
+meta-validation curve is printed at the end (`--config_file
+gin_configs/demo.gin` runs without them).
 Then a held-out check: the starting theta (params_0), the trained one, Adam at
 1e-3 and Adam tuned per task over 11 log-spaced rates (1e-4..10, picked on
 each task's validation loss) each train new tasks on the held-out classes 5-9
@@ -23,6 +27,9 @@ import numpy as np
 # The checkout: pathology_fix/cli/demo.py is three levels down.
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_CONFIG = os.path.join(REPO, "gin_configs", "demo.gin")
+# demo.gin plus meta-validation, params_best, the EMA and an outer schedule.
+META_VALIDATION_CONFIG = os.path.join(REPO, "gin_configs",
+                                      "meta_validation.gin")
 HELDOUT_TASKS = 4
 HELDOUT_FILE = "heldout_eval.json"
 REPORTED = (("final_outer_valid_loss", "validation loss after the run"),
@@ -203,16 +210,44 @@ def plot_meta_loss(train_log_dir, out_path, heldout):
   return out_path
 
 
+def meta_validation_curve(train_log_dir):
+  """Lines of the run's logged meta-validation (none if it did not run)."""
+  from pathology_fix.runtime import checkpoints  # pylint: disable=g-import-not-at-top
+  rows = [r for r in checkpoints.read_metrics(train_log_dir)
+          if r.get("meta_valid/latest") is not None]
+  if not rows:
+    return []
+  fmt = lambda x: "       n/a" if x is None else f"{x:10.4f}"  # noqa: E731
+  lines = ["Meta-validation (fixed tasks from the training classes 0-4, "
+           "trained from scratch; lower is better):",
+           f"  {'outer step':>10s} {'minutes':>8s} {'latest':>10s} "
+           f"{'EMA':>10s}"]
+  for r in rows:
+    lines.append(f"  {r['step']:10d} {r['elapsed_time'] / 60:8.2f} "
+                 f"{fmt(r.get('meta_valid/latest'))} "
+                 f"{fmt(r.get('meta_valid/ema'))}")
+  last = rows[-1]
+  best = ("none finite" if last.get("meta_valid_best") is None else
+          f"{last['meta_valid_best']:.4f} at outer step "
+          f"{int(last['meta_valid_best_step'])} (params_best)")
+  lines.append(f"  best: {best}; meta-validation took "
+               f"{last['meta_valid_time_fraction']:.1%} of the wall time")
+  return lines
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--train_log_dir", default=os.path.join(REPO, "runs", "demo"))
   parser.add_argument("--num_steps", type=int, default=None,
-                      help="outer steps (default: demo.gin's)")
+                      help="outer steps (default: the config's)")
+  parser.add_argument("--config_file", default=META_VALIDATION_CONFIG,
+                      help="gin config (default: gin_configs/"
+                      "meta_validation.gin)")
   args = parser.parse_args(argv)
 
   command = [sys.executable, "-m", "pathology_fix.train",
              "--train_log_dir", args.train_log_dir,
-             "--config_file", DEMO_CONFIG]
+             "--config_file", args.config_file]
   if args.num_steps is not None:
     command += ["--gin_bindings", f"run_train.num_steps = {args.num_steps}"]
   code = subprocess.call(command)
@@ -240,6 +275,8 @@ def main(argv=None):
   print("  (Adam tuned: per task, the rate of "
         f"{len(ADAM_LRS)} log-spaced in 1e-4..10 with the lowest validation "
         "loss after the run; the learned optimizer gets no such tuning)")
+  for line in meta_validation_curve(args.train_log_dir):
+    print(line)
   print(f"  held-out results: {json_path}")
   print(f"  plot:             {png}")
   return 0

@@ -243,6 +243,36 @@ _STEP_FN = re.compile(r"^\s*build_gradient_estimators\.truncated_step_fn\s*=")
 _SCOPED_BINDING = re.compile(r"^\s*([\w.]+(?:/[\w.]+)*)/([\w.]+)\.(\w+)\s*=")
 
 
+# LO main's run_train moves every binding into this gin scope, so that
+# unscoped gin.query_parameter / get_bindings find nothing inside it.
+MAIN_GIN_SCOPE = "default_scope"
+
+
+def query_binding(binding_key: str) -> Any:
+  """`gin.query_parameter`, also inside LO main's run_train (its scope).
+
+  Raises ValueError when the parameter is bound in neither.
+  """
+  try:
+    return gin.query_parameter(binding_key)
+  except ValueError:
+    if binding_key.startswith(MAIN_GIN_SCOPE + "/"):
+      raise
+    return gin.query_parameter(f"{MAIN_GIN_SCOPE}/{binding_key}")
+
+
+def get_bindings(configurable: str) -> dict:
+  """`gin.get_bindings`, with the bindings LO main's run_train moved into its
+  scope (unscoped ones win)."""
+  out = {}
+  for selector in (f"{MAIN_GIN_SCOPE}/{configurable}", configurable):
+    try:
+      out.update(gin.get_bindings(selector))
+    except ValueError:
+      pass  # not a registered configurable
+  return out
+
+
 def check_no_scopes(line: str, where: str = "gin config"):
   """Raises ConfigError for a scoped binding: main's run_train drops scopes."""
   match = _SCOPED_BINDING.match(line)

@@ -12,6 +12,7 @@ import gin
 from learned_optimization.optimizers import base as opt_base
 
 from pathology_fix_core import errors
+from pathology_fix.lo_boundary import lo_api
 
 # Outer learning rate per meta-objective (the estimator's meta_loss_split).
 PAPER_OUTER_LEARNING_RATE = {"train": 3e-3, "outer_valid": 3e-4}
@@ -27,7 +28,7 @@ _REPLACED_BINDINGS = ("Adam.learning_rate", "Adam.beta1",
 def _reject_replaced_bindings():
   for name in _REPLACED_BINDINGS:
     try:
-      value = gin.query_parameter(name)
+      value = lo_api.query_binding(name)
     except ValueError:
       continue  # not bound
     raise errors.InvalidArgument(

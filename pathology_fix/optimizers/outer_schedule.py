@@ -50,6 +50,7 @@ from learned_optimization.optimizers import base as opt_base
 import optax
 
 from pathology_fix_core import errors
+from pathology_fix.lo_boundary import lo_api
 from pathology_fix.optimizers import outer_optimizer
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -168,7 +169,7 @@ class ScheduledOuterOptimizer(opt_base.GradientClipOptimizer):
 
 def _bound_paper_learning_rate() -> Optional[float]:
   try:
-    return gin.query_parameter("paper_outer_optimizer.learning_rate")
+    return lo_api.query_binding("paper_outer_optimizer.learning_rate")
   except ValueError:
     return None  # not bound
 

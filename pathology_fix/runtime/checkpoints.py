@@ -14,6 +14,17 @@ What a train_log_dir holds:
   events.out.tfevents.*   TensorBoard summaries (`summaries`).
   config.gin       written by LO's run_train.
 
+With meta-validation or theta averaging on (`local_training`), also:
+
+  meta_validation_<N>  to_bytes(MetaValidationState) after N outer steps:
+                   the validation clock, the best entry and its theta, the
+                   EMA of theta; written before checkpoint_<N>, restored with
+                   it (`save_selection`, `load_selection`).
+  params_best      ParameterCheckpoint of the theta with the lowest logged
+                   meta-validation score (its step: the outer step it was
+                   validated at).
+  params_ema       ParameterCheckpoint of the EMA of theta (step: N).
+
 Checkpoints are written atomically (`<name>.tmp`, fsync, rename), so a kill at
 any moment leaves the previous ones intact; a resumed run restores the newest
 readable one (`restore_latest_checkpoint`), and drops later metrics so step
@@ -26,7 +37,7 @@ different steps (the directory is not shared).
 import json
 import os
 import re
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 from absl import logging
 import jax
@@ -41,6 +52,10 @@ from pathology_fix.runtime import distributed
 CHECKPOINT_PREFIX = "checkpoint_"
 PARAMS_PREFIX = "params_"
 METRICS_FILE = "metrics.jsonl"
+SELECTION_PREFIX = "meta_validation_"
+PARAMS_BEST = "params_best"
+PARAMS_EMA = "params_ema"
+NAMED_PARAMS = {"best": PARAMS_BEST, "ema": PARAMS_EMA}
 TMP_SUFFIX = ".tmp"
 _GEN_ID = "no_gen_id"  # what LO's local_train stores; no population here
 
@@ -136,10 +151,16 @@ def save_checkpoint(train_log_dir: str,
   return path
 
 
-def load_params(train_log_dir: str, step: int,
+def load_params(train_log_dir: str, step: Union[int, str],
                 lopt: lopt_base.LearnedOptimizer) -> Any:
-  """theta from `params_<step>` in train_log_dir (LO's ParameterCheckpoint)."""
-  path = os.path.join(train_log_dir, f"{PARAMS_PREFIX}{int(step)}")
+  """theta from `params_<step>` in train_log_dir (LO's ParameterCheckpoint).
+
+  step: an outer step, or "best" / "ema" for params_best / params_ema.
+  """
+  if isinstance(step, str) and step in NAMED_PARAMS:
+    path = os.path.join(train_log_dir, NAMED_PARAMS[step])
+  else:
+    path = os.path.join(train_log_dir, f"{PARAMS_PREFIX}{int(step)}")
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f"{path}: no such parameter file; saved steps: "
@@ -147,6 +168,47 @@ def load_params(train_log_dir: str, step: int,
   template = gradient_learner.ParameterCheckpoint(
       lopt.init(jax.random.PRNGKey(0)), _GEN_ID, 0)
   return checkpoints.load_state(path, template).params
+
+
+def save_selection(train_log_dir: str, step: int, state: Any,
+                   best: Optional[Tuple[Any, int]], ema: Optional[Any],
+                   keep: int):
+  """Writes meta_validation_<step> (the state's bytes), params_best and
+  params_ema; keeps the last `keep` meta_validation_<N>.
+
+  state: a flax-serializable state (`meta_validation.MetaValidationState`);
+  best: (theta, the step it was validated at), None while none is found;
+  ema: the averaged theta, or None. Call before `save_checkpoint` of the
+  same step: checkpoint_<N> existing implies these are complete.
+  """
+  import flax.serialization  # pylint: disable=g-import-not-at-top
+  step = int(step)
+  if best is not None:
+    write_atomically(os.path.join(train_log_dir, PARAMS_BEST),
+                     flax.serialization.to_bytes(
+                         gradient_learner.ParameterCheckpoint(
+                             best[0], _GEN_ID, int(best[1]))))
+  if ema is not None:
+    write_atomically(os.path.join(train_log_dir, PARAMS_EMA),
+                     flax.serialization.to_bytes(
+                         gradient_learner.ParameterCheckpoint(
+                             ema, _GEN_ID, step)))
+  write_atomically(os.path.join(train_log_dir, f"{SELECTION_PREFIX}{step}"),
+                   flax.serialization.to_bytes(state))
+  for old in checkpoint_steps(train_log_dir, SELECTION_PREFIX)[:-keep]:
+    _remove_file(os.path.join(train_log_dir, f"{SELECTION_PREFIX}{old}"))
+
+
+def load_selection(train_log_dir: str, step: int, template: Any
+                  ) -> Optional[Any]:
+  """The state `save_selection` wrote at `step`, restored into `template`;
+  None if there is no such file (e.g. the run had meta-validation off)."""
+  path = os.path.join(train_log_dir, f"{SELECTION_PREFIX}{int(step)}")
+  if not os.path.isfile(path):
+    return None
+  restored = checkpoints.load_state(path, template)
+  _check_like(restored, template)
+  return restored
 
 
 def _remove_file(path: str):
@@ -191,7 +253,7 @@ def restore_latest_checkpoint(
   """
   for name in os.listdir(train_log_dir):
     if name.endswith(TMP_SUFFIX) and name.startswith(
-        (CHECKPOINT_PREFIX, PARAMS_PREFIX)):
+        (CHECKPOINT_PREFIX, PARAMS_PREFIX, SELECTION_PREFIX)):
       logging.warning("Removing %s, left by an interrupted write.", name)
       _remove_file(os.path.join(train_log_dir, name))
 
@@ -211,9 +273,10 @@ def restore_latest_checkpoint(
       logging.warning("Cannot restore %s (%s: %s); removing it and resuming "
                       "from %s.", bad_path, type(error).__name__, error, path)
       _remove_file(bad_path)
-    for later in checkpoint_steps(train_log_dir, PARAMS_PREFIX):
-      if later > step:
-        _remove_file(os.path.join(train_log_dir, f"{PARAMS_PREFIX}{later}"))
+    for prefix in (PARAMS_PREFIX, SELECTION_PREFIX):
+      for later in checkpoint_steps(train_log_dir, prefix):
+        if later > step:
+          _remove_file(os.path.join(train_log_dir, f"{prefix}{later}"))
     return restored, path
 
   if unreadable:

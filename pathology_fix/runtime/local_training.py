@@ -11,6 +11,20 @@ Per run: seeding (one seed for all processes), restore or init
 (`summaries`), checkpointed every few steps and at the end (also on Ctrl-C),
 with a progress bar and a closing summary of where everything went. The run
 directory's format is `checkpoints`'.
+
+Meta-validation, best-theta selection and theta averaging (off unless bound):
+
+  resumable_local_train.meta_validation = @MetaValidation()
+  resumable_local_train.theta_ema = @ThetaEMA()
+
+After every outer step the EMA of theta is updated; when
+`MetaValidation.decide` says so (every `every_n_steps`, within its
+`max_time_fraction` of wall time) the latest and the EMA theta are
+meta-validated, logged as meta_valid/latest, meta_valid/ema, meta_valid_best
+(...) in metrics.jsonl and TensorBoard, and the argmin so far is kept as
+params_best. All of it is checkpointed with each checkpoint_<N>
+(`checkpoints.save_selection`) and restored on resume. The logged
+elapsed_time is wall time: training plus validation.
 """
 
 import collections
@@ -31,8 +45,10 @@ from pathology_fix_core import errors
 from pathology_fix.lo_boundary import lo_api
 from pathology_fix.runtime import checkpoints
 from pathology_fix.runtime import distributed
+from pathology_fix.runtime import meta_validation as meta_validation_lib
 from pathology_fix.runtime import outer_loop
 from pathology_fix.runtime import summaries
+from pathology_fix.runtime import theta_averaging
 
 
 def estimator_groups(num_estimators: int,
@@ -89,6 +105,8 @@ def resumable_local_train(
     sample_estimators_fn: Optional[Any] = None,
     run_num_estimators_per_gradient: Optional[int] = None,
     worker_id: int = 0,
+    meta_validation: Optional[meta_validation_lib.MetaValidation] = None,
+    theta_ema: Optional[theta_averaging.ThetaEMA] = None,
 ) -> int:
   """Meta-trains `lopt` in one process, resuming from train_log_dir if possible.
 
@@ -121,6 +139,10 @@ def resumable_local_train(
     run_num_estimators_per_gradient: estimators run per outer step, cycling
       through the `num_estimators` (LO main); None: all of them.
     worker_id: passed to `sample_estimators_fn` (LO main).
+    meta_validation: validate the latest and the EMA theta during training
+      and keep params_best (module docstring); None: no meta-validation.
+    theta_ema: the EMA of theta, saved as params_ema; None: ThetaEMA()'s
+      defaults when meta_validation is on, else no averaging.
 
   Returns:
     The outer step reached.
@@ -134,6 +156,8 @@ def resumable_local_train(
         "checkpoint_every_n_steps must be >= 1", "checkpoint_every_n_steps")
   if keep < 1:
     raise errors.InvalidArgument("keep must be >= 1", "keep")
+  selection = _Selection.create(meta_validation, theta_ema, lopt,
+                                outer_learner, train_log_dir)
   groups = estimator_groups(num_estimators, run_num_estimators_per_gradient)
   os.makedirs(train_log_dir, exist_ok=True)
   seed = _resolve_seed(seed)
@@ -141,7 +165,7 @@ def resumable_local_train(
   init_key, estimators_key, base_key = jax.random.split(
       jax.random.PRNGKey(seed), 3)
   progress = _start(train_log_dir, outer_learner, keep, init_key, seed,
-                    num_steps)
+                    num_steps, selection)
   start_step = progress.step
   metrics_log, summary_writer = summaries.open_summaries(
       train_log_dir, outer_learner, progress.learner_state,
@@ -166,7 +190,7 @@ def resumable_local_train(
                        desc="outer steps", unit="step", dynamic_ncols=True,
                        disable=not distributed.is_primary())
       if _log_steps(steps, progress, pbar, metrics_log, summary_writer,
-                    checkpoint_every_n_steps, num_seconds):
+                    checkpoint_every_n_steps, num_seconds, num_steps):
         stop_reason = f"num_seconds={num_seconds} reached"
   except KeyboardInterrupt:
     stop_reason = "interrupted"
@@ -184,7 +208,7 @@ def resumable_local_train(
     summaries.close_writer(summary_writer)
     if stop_reason and distributed.is_primary():
       _print_outputs(train_log_dir, progress.step, num_steps, start_step,
-                     stop_reason)
+                     stop_reason, selection)
   return progress.step
 
 
@@ -195,7 +219,7 @@ def _reject_overridden_bindings(**received):
   an explicit argument beats a gin binding: such a binding would be silently
   ignored. They must be bound on run_train.
   """
-  bound = gin.get_bindings("resumable_local_train")
+  bound = lo_api.get_bindings("resumable_local_train")
   for name, value in received.items():
     if name in bound and bound[name] != value:
       raise errors.InvalidArgument(
@@ -205,11 +229,14 @@ def _reject_overridden_bindings(**received):
 
 
 def _start(train_log_dir, outer_learner, keep, init_key, seed: int,
-           num_steps: int) -> "_Progress":
+           num_steps: int, selection: Optional["_Selection"]) -> "_Progress":
   """The restored (or initial, then saved) state, with a line saying which."""
   progress = _Progress(train_log_dir, outer_learner, keep,
                        *_restore_or_init(train_log_dir, outer_learner, init_key))
+  progress.selection = selection
   start_step = progress.step
+  if selection is not None:
+    selection.restore(progress)
   # LO draws from numpy's global RNG (estimator resampling, event sampling).
   onp.random.seed((seed + start_step) % 2**32)
   where = ("" if jax.process_count() == 1 else
@@ -224,6 +251,10 @@ def _start(train_log_dir, outer_learner, keep, init_key, seed: int,
       print(f"Resuming from {progress.restored_path}: outer step {start_step} "
             f"of {num_steps} (seed {seed}){where}.", flush=True)
     progress.last_saved_step = start_step
+    if selection is not None and distributed.is_primary():
+      # params_best / params_ema may be ahead of the restored checkpoint
+      # (a kill between their write and checkpoint_<N>'s): rewrite them.
+      selection.save(start_step, keep)
   return progress
 
 
@@ -243,6 +274,7 @@ class _Progress:
     self.total_inner_steps = total_inner_steps
     self.restored_path = restored_path
     self.last_saved_step = None
+    self.selection = None  # a _Selection, saved with every checkpoint
 
   @property
   def step(self) -> int:
@@ -252,6 +284,8 @@ class _Progress:
     if not distributed.is_primary():
       self.last_saved_step = self.step
       return
+    if self.selection is not None:
+      self.selection.save(self.step, self.keep)
     checkpoints.save_checkpoint(
         self.train_log_dir, self.outer_learner,
         gradient_learner.OptCheckpoint(
@@ -262,7 +296,8 @@ class _Progress:
 
 
 def _log_steps(steps, progress: _Progress, pbar, metrics_log, summary_writer,
-               checkpoint_every_n_steps: int, num_seconds: float) -> bool:
+               checkpoint_every_n_steps: int, num_seconds: float,
+               num_steps: int) -> bool:
   """Logs and checkpoints each outer step; True if stopped by num_seconds."""
   worker_ids = collections.deque(maxlen=10)
   step_start = time.time()
@@ -274,11 +309,22 @@ def _log_steps(steps, progress: _Progress, pbar, metrics_log, summary_writer,
     to_write = summaries.step_summary(out, progress.outer_learner, worker_ids,
                              out.with_metrics, delta_time,
                              progress.total_inner_steps, progress.elapsed_time)
+    validation_seconds = 0.0
+    if progress.selection is not None:
+      scalars, validation_seconds = progress.selection.after_step(
+          out.step, lo_api.get_meta_params(progress.outer_learner,
+                                           out.learner_state),
+          progress.elapsed_time + delta_time, out.step >= num_steps, pbar)
+      to_write.update(scalars)
+      to_write["elapsed_time"] += validation_seconds
+      step_start = now + validation_seconds  # not the next step's time
     summaries.write_summaries(summary_writer, metrics_log, to_write, out.step)
     # Commit only once the step is logged: what a checkpoint holds (also on
     # Ctrl-C) always has its metrics.jsonl line.
     progress.learner_state = out.learner_state
-    progress.elapsed_time += delta_time
+    if progress.selection is not None:
+      progress.selection.commit()
+    progress.elapsed_time += delta_time + validation_seconds
     pbar.set_postfix(meta_loss=f"{out.mean_loss:.4g}", refresh=False)
     pbar.update(progress.step - pbar.n)
     if progress.step % checkpoint_every_n_steps == 0:
@@ -289,7 +335,8 @@ def _log_steps(steps, progress: _Progress, pbar, metrics_log, summary_writer,
 
 
 def _print_outputs(train_log_dir: str, step: int, num_steps: int,
-                   start_step: int, stop_reason: str):
+                   start_step: int, stop_reason: str,
+                   selection: Optional["_Selection"] = None):
   d = os.path.abspath(train_log_dir)
   done = step - start_step
   print(f"Meta-training stopped at outer step {step} of {num_steps} "
@@ -300,3 +347,127 @@ def _print_outputs(train_log_dir: str, step: int, num_steps: int,
         f"  metrics:     {d}/{checkpoints.METRICS_FILE}\n"
         f"  gin config:  {d}/config.gin",
         flush=True)
+  if selection is not None:
+    selection.print_summary(d)
+
+
+VALIDATION_METRIC_PREFIX = "mean||"
+
+
+class _Selection:
+  """The EMA of theta, meta-validation and the best theta during one run.
+
+  Its state is `meta_validation.MetaValidationState` (clock, best entry and
+  theta, EMA); every process keeps it (the same in all: the decision to
+  validate is process 0's, the scores are deterministic), process 0 writes it.
+  """
+
+  def __init__(self, validator, ema, lopt, outer_learner, train_log_dir):
+    self.validator = validator
+    self.ema = ema
+    self.lopt = lopt
+    self.outer_learner = outer_learner
+    self.train_log_dir = train_log_dir
+    self.state = None
+    self.pending = None  # after_step's state until the step is committed
+
+  @classmethod
+  def create(cls, validator, ema, lopt, outer_learner, train_log_dir
+            ) -> Optional["_Selection"]:
+    if validator is None and ema is None:
+      return None
+    if validator is not None and not isinstance(
+        validator, meta_validation_lib.MetaValidation):
+      raise errors.InvalidArgument(
+          f"resumable_local_train.meta_validation={validator!r}; allowed: "
+          "None or @MetaValidation()", "resumable_local_train.meta_validation")
+    if ema is None:
+      ema = theta_averaging.ThetaEMA()
+    if not isinstance(ema, theta_averaging.ThetaEMA):
+      raise errors.InvalidArgument(
+          f"resumable_local_train.theta_ema={ema!r}; allowed: None or "
+          "@ThetaEMA()", "resumable_local_train.theta_ema")
+    return cls(validator, ema, lopt, outer_learner, train_log_dir)
+
+  def _theta(self, learner_state):
+    return jax.device_get(
+        lo_api.get_meta_params(self.outer_learner, learner_state))
+
+  def restore(self, progress: "_Progress"):
+    """The state saved with the restored checkpoint, else a fresh one."""
+    template = meta_validation_lib.MetaValidation.init_state(
+        self.ema, self._theta(progress.learner_state))
+    restored = None
+    if progress.restored_path is not None:
+      restored = checkpoints.load_selection(self.train_log_dir, progress.step,
+                                            template)
+      if restored is None:
+        logging.warning(
+            "No %s%d beside %s: meta-validation and the theta EMA start "
+            "afresh from its theta.", checkpoints.SELECTION_PREFIX,
+            progress.step, progress.restored_path)
+    self.state = template if restored is None else restored
+
+  def save(self, step: int, keep: int):
+    best = self.state.best
+    checkpoints.save_selection(
+        self.train_log_dir, step, self.state,
+        (self.state.best_theta, int(best.step)) if best.found else None,
+        self.state.ema.average, keep)
+
+  def after_step(self, step: int, theta, train_and_validation_seconds: float,
+                 is_last: bool, pbar) -> Tuple[dict, float]:
+    """EMA update; validation if due. ({scalars to log}, seconds spent)."""
+    theta = jax.device_get(theta)
+    state = self.state.replace(ema=self.ema.update(self.state.ema, theta))
+    self.pending = state
+    if self.validator is None:
+      return {}, 0.0
+    clock = state.clock
+    train_seconds = max(
+        train_and_validation_seconds - float(clock.seconds), 0.0)
+    decision = self.validator.decide(clock, step, train_seconds)
+    # The last step is validated too if the budget allows (its theta is the
+    # run's result); never twice at one step.
+    final = (is_last and int(clock.count) > 0 and
+             step != int(clock.last_step) and
+             decision.projected <= self.validator.max_time_fraction)
+    # Timing differs between processes: process 0 decides for all.
+    if not distributed.broadcast_int(int(decision.validate or final)):
+      return {}, 0.0
+    state, result = self.validator.validate(state, self.lopt, step, theta)
+    self.pending = state
+    scalars = {
+        k[len(VALIDATION_METRIC_PREFIX):] if k.startswith(
+            VALIDATION_METRIC_PREFIX) else k: v
+        for k, v in meta_validation_lib.validation_metrics(
+            state, result, train_seconds).items()}
+    if distributed.is_primary():
+      best = state.best
+      line = (f"meta-validation at step {step}: " + ", ".join(
+          f"{k} {v:.4g}" for k, v in result.scores.items()) +
+              f"; best {float(best.score):.4g} ({best.kind}, step "
+              f"{int(best.step)}); {result.seconds:.1f} s, "
+              f"{scalars['meta_valid_time_fraction']:.1%} of wall time")
+      if pbar is not None:
+        pbar.write(line)
+      else:
+        print(line, flush=True)
+    return scalars, result.seconds
+
+  def commit(self):
+    """Makes `after_step`'s state current, with the step's learner state."""
+    self.state = self.pending
+
+  def print_summary(self, run_dir: str):
+    if self.state is None:
+      return
+    if self.validator is not None:
+      best, clock = self.state.best, self.state.clock
+      where = (f"{run_dir}/{checkpoints.PARAMS_BEST} (meta_valid "
+               f"{float(best.score):.4g}, {best.kind} theta of step "
+               f"{int(best.step)})" if best.found else "none yet")
+      print(f"  meta-validation: {int(clock.count)} validations, "
+            f"{float(clock.seconds):.1f} s; best theta: {where}", flush=True)
+    print(f"  theta EMA:   {run_dir}/{checkpoints.PARAMS_EMA} (decay "
+          f"{self.ema.decay})", flush=True)

@@ -42,6 +42,8 @@ Gin (see `MetaValidation` for all parameters):
   MetaValidation.inner_steps = 1000
   MetaValidation.every_n_steps = 10
   MetaValidation.max_time_fraction = 0.15
+  # what the training loop (`local_training`) runs every few outer steps:
+  resumable_local_train.meta_validation = @MetaValidation()
 
 Cost (the headline recipe: NNAdam, mlp2x32 on 8x8 images, 1,000 inner
 steps; one busy core of 2): ~0.16 s per task and theta, so 10 tasks x 2
@@ -66,6 +68,7 @@ import jax
 import numpy as np
 
 from pathology_fix_core import errors
+from pathology_fix.lo_boundary import lo_api
 from pathology_fix.tasks_and_data import tasks as tasks_lib
 from pathology_fix.runtime import evaluation
 from pathology_fix.runtime import model_selection
@@ -126,7 +129,7 @@ def _family_kwargs(name: str) -> Tuple[Any, Dict[str, Any]]:
   params = inspect.signature(fn).parameters
   kwargs = {p: v.default for p, v in params.items()
             if v.default is not inspect.Parameter.empty}
-  kwargs.update(gin.get_bindings(name))
+  kwargs.update(lo_api.get_bindings(name))
   return fn, kwargs
 
 
@@ -144,7 +147,7 @@ def distribution_from_gin(selector: str = FAMILY_SELECTOR
       `MetaValidation.distribution` then.
   """
   try:
-    ref = gin.query_parameter(selector)
+    ref = lo_api.query_binding(selector)
   except ValueError as e:
     raise errors.InvalidArgument(
         f"{_PREFIX}distribution is None and {selector} is not "
@@ -152,7 +155,7 @@ def distribution_from_gin(selector: str = FAMILY_SELECTOR
   name = getattr(getattr(ref, "configurable", None), "name", None)
   while name in WRAPPER_FNS:
     inner = f"{name}.{WRAPPER_FNS[name]}"
-    ref = gin.query_parameter(inner)
+    ref = lo_api.query_binding(inner)
     name = getattr(getattr(ref, "configurable", None), "name", None)
   if name not in FAMILY_FNS:
     raise errors.InvalidArgument(
