@@ -17,7 +17,7 @@ import collections
 import os
 import secrets
 import time
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 from absl import logging
 import gin
@@ -89,6 +89,8 @@ def resumable_local_train(
     sample_estimators_fn: Optional[Any] = None,
     run_num_estimators_per_gradient: Optional[int] = None,
     worker_id: int = 0,
+    max_skipped_steps: int = 10,
+    on_validated: Optional[Callable[[], None]] = None,
 ) -> int:
   """Meta-trains `lopt` in one process, resuming from train_log_dir if possible.
 
@@ -121,6 +123,11 @@ def resumable_local_train(
     run_num_estimators_per_gradient: estimators run per outer step, cycling
       through the `num_estimators` (LO main); None: all of them.
     worker_id: passed to `sample_estimators_fn` (LO main).
+    max_skipped_steps: stop after this many outer steps in a row were
+      skipped because no sample of any estimator was finite.
+    on_validated: called once the arguments are checked and the estimators
+      built, before the run directory is created (the CLI writes config.gin
+      there only then).
 
   Returns:
     The outer step reached.
@@ -129,17 +136,30 @@ def resumable_local_train(
       num_estimators=num_estimators, summary_every_n=summary_every_n,
       num_steps=num_steps, num_seconds=num_seconds,
       stochastic_resample_frequency=stochastic_resample_frequency)
-  if checkpoint_every_n_steps < 1:
+  check_loop_arguments(
+      num_estimators=num_estimators, summary_every_n=summary_every_n,
+      num_steps=num_steps, num_seconds=num_seconds,
+      stochastic_resample_frequency=stochastic_resample_frequency,
+      checkpoint_every_n_steps=checkpoint_every_n_steps, keep=keep,
+      max_skipped_steps=max_skipped_steps)
+  if seed is not None and (isinstance(seed, bool) or
+                           not isinstance(seed, (int, onp.integer))):
     raise errors.InvalidArgument(
-        "checkpoint_every_n_steps must be >= 1", "checkpoint_every_n_steps")
-  if keep < 1:
-    raise errors.InvalidArgument("keep must be >= 1", "keep")
+        f"resumable_local_train.seed must be an integer or None (drawn), got "
+        f"{seed!r}", "resumable_local_train.seed")
   groups = estimator_groups(num_estimators, run_num_estimators_per_gradient)
-  os.makedirs(train_log_dir, exist_ok=True)
   seed = _resolve_seed(seed)
   logging.info("Seed: %d", seed)
   init_key, estimators_key, base_key = jax.random.split(
       jax.random.PRNGKey(seed), 3)
+  # Built (and so validated) before the run directory exists: a config a
+  # constructor rejects leaves nothing behind.
+  gradient_estimators = lo_api.build_gradient_estimators(
+      sample_estimators_fn, lopt, estimators_key, num_estimators,
+      worker_id=worker_id)
+  if on_validated is not None:
+    on_validated()
+  os.makedirs(train_log_dir, exist_ok=True)
   progress = _start(train_log_dir, outer_learner, keep, init_key, seed,
                     num_steps)
   start_step = progress.step
@@ -151,9 +171,6 @@ def resumable_local_train(
   pbar = None
   try:
     if start_step < num_steps:
-      gradient_estimators = lo_api.build_gradient_estimators(
-          sample_estimators_fn, lopt, estimators_key, num_estimators,
-          worker_id=worker_id)
       steps = outer_loop.run(
           outer_learner, gradient_estimators, progress.learner_state,
           num_steps, base_key,
@@ -186,6 +203,36 @@ def resumable_local_train(
       _print_outputs(train_log_dir, progress.step, num_steps, start_step,
                      stop_reason)
   return progress.step
+
+
+def _check_int(name: str, value, minimum: int, meaning: str = ""):
+  if isinstance(value, bool) or not isinstance(value, (int, onp.integer)) or (
+      value < minimum):
+    raise errors.InvalidArgument(
+        f"run_train.{name} must be an integer >= {minimum}{meaning}, got "
+        f"{value!r}", f"run_train.{name}")
+
+
+def check_loop_arguments(num_estimators, summary_every_n, num_steps,
+                         num_seconds, stochastic_resample_frequency,
+                         checkpoint_every_n_steps, keep, max_skipped_steps):
+  """Raises InvalidArgument for values that would train nothing or crash."""
+  _check_int("num_estimators", num_estimators, 1)
+  _check_int("summary_every_n", summary_every_n, 1)
+  _check_int("num_steps", num_steps, 0, " (0 only saves the start)")
+  _check_int("stochastic_resample_frequency", stochastic_resample_frequency,
+             0, " (0: never resample)")
+  if isinstance(num_seconds, bool) or not isinstance(
+      num_seconds, (int, float)) or not 0 <= num_seconds < float("inf"):
+    raise errors.InvalidArgument(
+        "run_train.num_seconds must be a finite number >= 0 (0: no limit), "
+        f"got {num_seconds!r}", "run_train.num_seconds")
+  for name, value in (("checkpoint_every_n_steps", checkpoint_every_n_steps),
+                      ("keep", keep), ("max_skipped_steps", max_skipped_steps)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise errors.InvalidArgument(
+          f"resumable_local_train.{name} must be an integer >= 1, got "
+          f"{value!r}", f"resumable_local_train.{name}")
 
 
 def _reject_overridden_bindings(**received):
