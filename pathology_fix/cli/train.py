@@ -351,6 +351,10 @@ def main(argv):
     if run_directory is not None and not run_directory.trained():
       run_directory.restore()
     return _report(e)
+  except local_training.TrainingError as e:
+    sys.stdout.flush()
+    print(f"error: {e.message}", file=sys.stderr, flush=True)
+    return FAILED_EXIT_CODE
   except distributed.DistributedError as e:
     sys.stdout.flush()
     print(f"error: {e}", file=sys.stderr, flush=True)

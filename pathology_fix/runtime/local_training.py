@@ -16,12 +16,14 @@ directory's format is `checkpoints`'.
 import collections
 import os
 import secrets
+import sys
 import time
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 from absl import logging
 import gin
 import jax
+import jax.numpy as jnp
 from learned_optimization.learned_optimizers import base as lopt_base
 from learned_optimization.outer_trainers import gradient_learner
 import numpy as onp
@@ -183,7 +185,7 @@ def resumable_local_train(
                        desc="outer steps", unit="step", dynamic_ncols=True,
                        disable=not distributed.is_primary())
       if _log_steps(steps, progress, pbar, metrics_log, summary_writer,
-                    checkpoint_every_n_steps, num_seconds):
+                    checkpoint_every_n_steps, num_seconds, max_skipped_steps):
         stop_reason = f"num_seconds={num_seconds} reached"
   except KeyboardInterrupt:
     stop_reason = "interrupted"
@@ -296,6 +298,13 @@ class _Progress:
     return int(self.learner_state.theta_opt_state.iteration)
 
   def save(self):
+    theta = lo_api.get_meta_params(self.outer_learner, self.learner_state)
+    if not all(bool(jnp.all(jnp.isfinite(x)))
+               for x in jax.tree_util.tree_leaves(theta)):
+      # Never overwrite good checkpoints with a theta no run can continue.
+      raise TrainingError(
+          f"theta is not finite at outer step {self.step}; not checkpointed. "
+          f"The last checkpoint in {self.train_log_dir} is intact")
     if not distributed.is_primary():
       self.last_saved_step = self.step
       return
@@ -308,12 +317,35 @@ class _Progress:
     self.last_saved_step = self.step
 
 
+class TrainingError(Exception):
+  """Training cannot go on (e.g. no finite sample for many steps in a row).
+
+  `message` is the message alone (gin appends to str(error)).
+  """
+
+  def __init__(self, message: str):
+    super().__init__(message)
+    self.message = message
+
+
 def _log_steps(steps, progress: _Progress, pbar, metrics_log, summary_writer,
-               checkpoint_every_n_steps: int, num_seconds: float) -> bool:
+               checkpoint_every_n_steps: int, num_seconds: float,
+               max_skipped_steps: int = 10) -> bool:
   """Logs and checkpoints each outer step; True if stopped by num_seconds."""
   worker_ids = collections.deque(maxlen=10)
   step_start = time.time()
+  skipped_in_a_row, warned = 0, False
   for out in steps:
+    if out.skipped:
+      skipped_in_a_row += 1
+      if not warned and distributed.is_primary():
+        pbar.write(f"warning: outer step {out.step} skipped: no sample of any "
+                   "estimator was finite (theta and the outer optimizer kept; "
+                   "'skipped' in metrics.jsonl counts such steps)",
+                   file=sys.stderr)
+        warned = True
+    else:
+      skipped_in_a_row = 0
     now = time.time()
     delta_time = max(now - step_start, 1e-9)
     step_start = now
@@ -328,6 +360,13 @@ def _log_steps(steps, progress: _Progress, pbar, metrics_log, summary_writer,
     progress.elapsed_time += delta_time
     pbar.set_postfix(meta_loss=f"{out.mean_loss:.4g}", refresh=False)
     pbar.update(progress.step - pbar.n)
+    if skipped_in_a_row >= max_skipped_steps:
+      raise TrainingError(
+          f"{skipped_in_a_row} outer steps in a row (up to step "
+          f"{progress.step}) had no finite sample: the inner problems "
+          "diverge. The checkpoints hold the last good theta; lower the "
+          "learning rates or VariationalEstimator.max_loss, or raise "
+          "resumable_local_train.max_skipped_steps")
     if progress.step % checkpoint_every_n_steps == 0:
       progress.save()
     if num_seconds and progress.elapsed_time > num_seconds:
