@@ -368,6 +368,9 @@ def _log_steps(steps, progress: _Progress, pbar, metrics_log, summary_writer,
           "learning rates or VariationalEstimator.max_loss, or raise "
           "resumable_local_train.max_skipped_steps")
     if progress.step % checkpoint_every_n_steps == 0:
+      # Checkpoint N implies step N's events are on disk (written in this
+      # thread, see tensorboard_writer): a kill now loses none of them.
+      getattr(summary_writer, "flush", lambda: None)()
       progress.save()
     if num_seconds and progress.elapsed_time > num_seconds:
       return True
