@@ -159,15 +159,21 @@ def resumable_local_train(
   gradient_estimators = lo_api.build_gradient_estimators(
       sample_estimators_fn, lopt, estimators_key, num_estimators,
       worker_id=worker_id)
-  if on_validated is not None:
-    on_validated()
-  os.makedirs(train_log_dir, exist_ok=True)
-  progress = _start(train_log_dir, outer_learner, keep, init_key, seed,
-                    num_steps)
-  start_step = progress.step
-  metrics_log, summary_writer = summaries.open_summaries(
-      train_log_dir, outer_learner, progress.learner_state,
-      restored=progress.restored_path is not None)
+  try:
+    if on_validated is not None:
+      on_validated()
+    os.makedirs(train_log_dir, exist_ok=True)
+    progress = _start(train_log_dir, outer_learner, keep, init_key, seed,
+                      num_steps)
+    start_step = progress.step
+    metrics_log, summary_writer = summaries.open_summaries(
+        train_log_dir, outer_learner, progress.learner_state,
+        restored=progress.restored_path is not None)
+  except OSError as e:  # e.g. a full disk: nothing trained yet
+    raise TrainingError(
+        f"cannot write in {train_log_dir}: {e.strerror or e}"
+        f"{f' ({e.filename})' if e.filename else ''}; rerun the same command "
+        "once it can be written") from e
 
   stop_reason = "num_steps reached"
   pbar = None
@@ -190,21 +196,38 @@ def resumable_local_train(
   except KeyboardInterrupt:
     stop_reason = "interrupted"
     raise
+  except OSError as e:
+    stop_reason = None
+    raise TrainingError(
+        f"cannot write in {train_log_dir}: {e.strerror or e}"
+        f"{f' ({e.filename})' if e.filename else ''}. "
+        f"{progress._intact()}; rerun the same command to resume"  # pylint: disable=protected-access
+    ) from e
   except Exception:
     stop_reason = None  # the traceback says enough
     raise
   finally:
     if pbar is not None:
       pbar.close()
-    # Also on Ctrl-C: progress only ever holds a completed update.
-    if progress.step != progress.last_saved_step:
-      progress.save()
-    metrics_log.close()
-    summaries.close_writer(summary_writer)
+    try:
+      # Also on Ctrl-C: progress only ever holds a completed update.
+      if progress.step != progress.last_saved_step:
+        progress.save()
+    finally:
+      _close_quietly(metrics_log, summary_writer)
     if stop_reason and distributed.is_primary():
       _print_outputs(train_log_dir, progress.step, num_steps, start_step,
                      stop_reason)
   return progress.step
+
+
+def _close_quietly(metrics_log, summary_writer):
+  """Closes both; on a full disk, an error here would hide the first one."""
+  try:
+    metrics_log.close()
+  except OSError as e:
+    logging.warning("Could not close %s: %s", checkpoints.METRICS_FILE, e)
+  summaries.close_writer(summary_writer)
 
 
 def _check_int(name: str, value, minimum: int, meaning: str = ""):
@@ -308,13 +331,26 @@ class _Progress:
     if not distributed.is_primary():
       self.last_saved_step = self.step
       return
-    checkpoints.save_checkpoint(
-        self.train_log_dir, self.outer_learner,
-        gradient_learner.OptCheckpoint(
-            self.learner_state,
-            elapsed_time=onp.asarray(self.elapsed_time, onp.float64),
-            total_inner_steps=int(self.total_inner_steps)), self.keep)
+    try:
+      checkpoints.save_checkpoint(
+          self.train_log_dir, self.outer_learner,
+          gradient_learner.OptCheckpoint(
+              self.learner_state,
+              elapsed_time=onp.asarray(self.elapsed_time, onp.float64),
+              total_inner_steps=int(self.total_inner_steps)), self.keep)
+    except OSError as e:
+      raise TrainingError(
+          f"cannot write checkpoint {self.step} in {self.train_log_dir}: "
+          f"{e.strerror or e}. {self._intact()}; free space and rerun the "
+          "same command to resume") from e
     self.last_saved_step = self.step
+
+  def _intact(self) -> str:
+    steps = checkpoints.checkpoint_steps(self.train_log_dir)
+    if not steps:
+      return "No checkpoint was written"
+    return (f"The last checkpoint, {checkpoints.CHECKPOINT_PREFIX}{steps[-1]},"
+            " is intact")
 
 
 class TrainingError(Exception):
