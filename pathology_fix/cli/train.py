@@ -29,8 +29,8 @@ environment is a multi-process SLURM step, Open MPI launch or multi-host Cloud
 TPU, which JAX configures itself from. The estimators' samples are split over
 all processes' devices; only process 0 writes DIR. A process that dies makes
 the others stop with one `error:` line (status 1) as soon as their next
-collective fails (a silent peer: after --heartbeat_timeout_s, with JAX's own
-message); rerun all of them to resume.
+collective fails; a silent one (stopped, hung) after --heartbeat_timeout_s
+(`distributed.watch_peers`). Rerun all of them to resume.
 """
 
 import contextlib
@@ -139,12 +139,22 @@ def _check_writable(train_log_dir: str):
                      "directory") from e
 
 
+def _stop_for_silent_peer(message: str):
+  """From the watchdog thread: the main thread may be stuck in a collective."""
+  sys.stdout.flush()
+  print(f"error: {message}. The checkpoints in {FLAGS.train_log_dir} are "
+        "complete: stop every process and rerun them to resume",
+        file=sys.stderr, flush=True)
+  os._exit(FAILED_EXIT_CODE)  # pylint: disable=protected-access
+
+
 def _join_processes():
   """jax.distributed set-up (before any JAX computation); see distributed.py."""
   try:
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                           FLAGS.process_id,
-                           heartbeat_timeout_s=FLAGS.heartbeat_timeout_s)
+    if distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                              FLAGS.process_id,
+                              heartbeat_timeout_s=FLAGS.heartbeat_timeout_s):
+      distributed.watch_peers(FLAGS.heartbeat_timeout_s, _stop_for_silent_peer)
   except (RuntimeError, ValueError) as e:
     raise distributed.DistributedError(
         f"cannot join the {FLAGS.num_processes or 'detected'} processes at "
