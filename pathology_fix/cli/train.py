@@ -142,7 +142,9 @@ def _check_writable(train_log_dir: str):
 def _stop_for_silent_peer(message: str):
   """From the watchdog thread: the main thread may be stuck in a collective."""
   sys.stdout.flush()
-  print(f"error: {message}. The checkpoints in {FLAGS.train_log_dir} are "
+  # A leading newline ends the progress bar's line, which the stuck main
+  # thread cannot close.
+  print(f"\nerror: {message}. The checkpoints in {FLAGS.train_log_dir} are "
         "complete: stop every process and rerun them to resume",
         file=sys.stderr, flush=True)
   os._exit(FAILED_EXIT_CODE)  # pylint: disable=protected-access
