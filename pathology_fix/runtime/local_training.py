@@ -201,7 +201,7 @@ def resumable_local_train(
     raise TrainingError(
         f"cannot write in {train_log_dir}: {e.strerror or e}"
         f"{f' ({e.filename})' if e.filename else ''}. "
-        f"{progress._intact()}; rerun the same command to resume"  # pylint: disable=protected-access
+        f"{progress.intact()}; rerun the same command to resume"
     ) from e
   except Exception:
     stop_reason = None  # the traceback says enough
@@ -341,11 +341,12 @@ class _Progress:
     except OSError as e:
       raise TrainingError(
           f"cannot write checkpoint {self.step} in {self.train_log_dir}: "
-          f"{e.strerror or e}. {self._intact()}; free space and rerun the "
+          f"{e.strerror or e}. {self.intact()}; free space and rerun the "
           "same command to resume") from e
     self.last_saved_step = self.step
 
-  def _intact(self) -> str:
+  def intact(self) -> str:
+    """Which checkpoint a failed write left intact, as a sentence."""
     steps = checkpoints.checkpoint_steps(self.train_log_dir)
     if not steps:
       return "No checkpoint was written"
