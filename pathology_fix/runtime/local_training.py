@@ -125,55 +125,32 @@ def resumable_local_train(
     run_num_estimators_per_gradient: estimators run per outer step, cycling
       through the `num_estimators` (LO main); None: all of them.
     worker_id: passed to `sample_estimators_fn` (LO main).
-    max_skipped_steps: stop after this many outer steps in a row were
-      skipped because no sample of any estimator was finite.
-    on_validated: called once the arguments are checked and the estimators
-      built, before the run directory is created (the CLI writes config.gin
-      there only then).
+    max_skipped_steps: stop after this many steps in a row with no finite sample.
+    on_validated: called once all is built and checked, before the run
+      directory is made (the CLI writes config.gin then).
 
   Returns:
     The outer step reached.
   """
-  _reject_overridden_bindings(
-      num_estimators=num_estimators, summary_every_n=summary_every_n,
-      num_steps=num_steps, num_seconds=num_seconds,
-      stochastic_resample_frequency=stochastic_resample_frequency)
-  check_loop_arguments(
+  _check_arguments(
       num_estimators=num_estimators, summary_every_n=summary_every_n,
       num_steps=num_steps, num_seconds=num_seconds,
       stochastic_resample_frequency=stochastic_resample_frequency,
       checkpoint_every_n_steps=checkpoint_every_n_steps, keep=keep,
-      max_skipped_steps=max_skipped_steps)
-  if seed is not None and (isinstance(seed, bool) or
-                           not isinstance(seed, (int, onp.integer))):
-    raise errors.InvalidArgument(
-        f"resumable_local_train.seed must be an integer or None (drawn), got "
-        f"{seed!r}", "resumable_local_train.seed")
+      max_skipped_steps=max_skipped_steps, seed=seed)
   groups = estimator_groups(num_estimators, run_num_estimators_per_gradient)
   seed = _resolve_seed(seed)
   logging.info("Seed: %d", seed)
   init_key, estimators_key, base_key = jax.random.split(
       jax.random.PRNGKey(seed), 3)
-  # Built (and so validated) before the run directory exists: a config a
-  # constructor rejects leaves nothing behind.
+  # Built (so validated) before the run directory exists: nothing left behind.
   gradient_estimators = lo_api.build_gradient_estimators(
       sample_estimators_fn, lopt, estimators_key, num_estimators,
       worker_id=worker_id)
-  try:
-    if on_validated is not None:
-      on_validated()
-    os.makedirs(train_log_dir, exist_ok=True)
-    progress = _start(train_log_dir, outer_learner, keep, init_key, seed,
-                      num_steps)
-    start_step = progress.step
-    metrics_log, summary_writer = summaries.open_summaries(
-        train_log_dir, outer_learner, progress.learner_state,
-        restored=progress.restored_path is not None)
-  except OSError as e:  # e.g. a full disk: nothing trained yet
-    raise TrainingError(
-        f"cannot write in {train_log_dir}: {e.strerror or e}"
-        f"{f' ({e.filename})' if e.filename else ''}; rerun the same command "
-        "once it can be written") from e
+  progress, metrics_log, summary_writer = _open_run(
+      train_log_dir, outer_learner, keep, init_key, seed, num_steps,
+      on_validated)
+  start_step = progress.step
 
   stop_reason = "num_steps reached"
   pbar = None
@@ -228,6 +205,40 @@ def _close_quietly(metrics_log, summary_writer):
   except OSError as e:
     logging.warning("Could not close %s: %s", checkpoints.METRICS_FILE, e)
   summaries.close_writer(summary_writer)
+
+
+def _check_arguments(seed, **loop_arguments):
+  """All of resumable_local_train's checks that need nothing built."""
+  _reject_overridden_bindings(**{
+      k: loop_arguments[k] for k in (
+          "num_estimators", "summary_every_n", "num_steps", "num_seconds",
+          "stochastic_resample_frequency")})
+  check_loop_arguments(**loop_arguments)
+  if seed is not None and (isinstance(seed, bool) or
+                           not isinstance(seed, (int, onp.integer))):
+    raise errors.InvalidArgument(
+        f"resumable_local_train.seed must be an integer or None (drawn), got "
+        f"{seed!r}", "resumable_local_train.seed")
+
+
+def _open_run(train_log_dir, outer_learner, keep, init_key, seed, num_steps,
+              on_validated):
+  """(progress, metrics log, summary writer) in a directory made only now."""
+  try:
+    if on_validated is not None:
+      on_validated()
+    os.makedirs(train_log_dir, exist_ok=True)
+    progress = _start(train_log_dir, outer_learner, keep, init_key, seed,
+                      num_steps)
+    metrics_log, summary_writer = summaries.open_summaries(
+        train_log_dir, outer_learner, progress.learner_state,
+        restored=progress.restored_path is not None)
+  except OSError as e:  # e.g. a full disk: nothing trained yet
+    raise TrainingError(
+        f"cannot write in {train_log_dir}: {e.strerror or e}"
+        f"{f' ({e.filename})' if e.filename else ''}; rerun the same command "
+        "once it can be written") from e
+  return progress, metrics_log, summary_writer
 
 
 def _check_int(name: str, value, minimum: int, meaning: str = ""):
