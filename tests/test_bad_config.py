@@ -191,7 +191,7 @@ CASES = [
      ["HybridRPES.random_initial_iteration_offset (-3)", ">= 0",
       "VariationalEstimator.random_initial_iteration_offset = -3"]),
     ("max_loss 0", ["VariationalEstimator.max_loss = 0.0"], None,
-     ["HybridRPES.max_loss (0.0) must be a finite number > 0"]),
+     ["HybridRPES.max_loss (0.0) must be a number > 0"]),
     ("meta_loss_evals 0", ["VariationalEstimator.meta_loss_evals = 0"], None,
      ["meta_loss_evals (0) must be >= 1",
       "VariationalEstimator.meta_loss_evals = 0"]),

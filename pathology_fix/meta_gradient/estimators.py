@@ -462,9 +462,9 @@ def _check_run_options(name: str, trunc_sched, offset, max_loss):
         "integer >= 0 (0: every inner run starts at step 0)",
         f"{name}.random_initial_iteration_offset")
   if (isinstance(max_loss, bool) or not isinstance(max_loss, (int, float)) or
-      not 0 < max_loss < float("inf")):
+      not max_loss > 0):  # inf: no clip
     raise errors.InvalidArgument(
-        f"{name}.max_loss ({max_loss!r}) must be a finite number > 0",
+        f"{name}.max_loss ({max_loss!r}) must be a number > 0 (inf: no clip)",
         f"{name}.max_loss")
 
 
