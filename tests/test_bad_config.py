@@ -123,7 +123,7 @@ CASES = [
      None, ["DigitsClassSubsetFamily.architecture", "'vgg'", "'conv3'"]),
     # The training loop and the CLI's flags.
     ("keep", ["resumable_local_train.keep = 0"], None,
-     ["keep must be >= 1", "resumable_local_train.keep = 0"]),
+     ["resumable_local_train.keep must be an integer >= 1", "got 0"]),
     # LO's run_train passes num_seconds itself: the binding would be ignored.
     ("binding run_train overrides", ["resumable_local_train.num_seconds = 5"],
      None, ["resumable_local_train.num_seconds = 5", "run_train.num_seconds"]),
@@ -146,6 +146,108 @@ CASES = [
      ["no_such_mod"]),
     ("unknown flag", ["--no_such_flag=1"], None, ["no_such_flag"]),
     ("positional argument", ["extra"], None, ["unexpected arguments: extra"]),
+    # Values that once crashed later or trained silently on nothing.
+    ("outer learning rate negative",
+     ["paper_outer_optimizer.learning_rate = -1e-3"], None,
+     ["paper_outer_optimizer.learning_rate=-0.001", "finite number > 0"]),
+    ("outer learning rate a string",
+     ["paper_outer_optimizer.learning_rate = 'fast'"], None,
+     ["paper_outer_optimizer.learning_rate='fast'", "finite number > 0"]),
+    ("outer learning rate infinite",
+     ["paper_outer_optimizer.learning_rate = 1e999"], None,
+     ["paper_outer_optimizer.learning_rate=inf", "finite number > 0"]),
+    ("outer meta_loss_split", ["paper_outer_optimizer.learning_rate = None",
+                               "paper_outer_optimizer.meta_loss_split = 'x'"],
+     None, ["paper_outer_optimizer.meta_loss_split='x'", "'train'"]),
+    ("Adam binding replaced", ["Adam.learning_rate = 1e-3"], None,
+     ["Adam.learning_rate = 0.001", "paper_outer_optimizer.learning_rate"]),
+    ("empty estimator mixture", [
+        "build_gradient_estimators.gradient_estimator_fn = @EstimatorMixture()",
+        "EstimatorMixture.estimator_fns = []"], None,
+     ["EstimatorMixture.estimator_fns must name at least one"]),
+    ("truncation schedule 0", ["ConstantTruncationSchedule.total_length = 0"],
+     None, ["ConstantTruncationSchedule.total_length", ">= 1", "got 0"]),
+    ("truncation schedule negative",
+     ["ConstantTruncationSchedule.total_length = -10"], None,
+     ["ConstantTruncationSchedule.total_length", ">= 1", "got -10"]),
+    ("hidden_size negative", ["MLPLOpt.hidden_size = -1"], None,
+     ["MLPLOpt.hidden_size must be an integer >= 1", "got -1"]),
+    ("hidden_size fractional", ["MLPLOpt.hidden_size = 2.5"], None,
+     ["MLPLOpt.hidden_size must be an integer >= 1", "got 2.5"]),
+    ("hidden_layers negative", ["MLPLOpt.hidden_layers = -1"], None,
+     ["MLPLOpt.hidden_layers must be an integer >= 0"]),
+    ("exp_mult negative", ["MLPLOpt.exp_mult = -1.0"], None,
+     ["MLPLOpt.exp_mult must be a finite number > 0"]),
+    ("quadratic dim 0", ["FixedDimQuadraticFamily.dim = 0"], None,
+     ["FixedDimQuadraticFamily.dim must be an integer >= 1", "got 0"]),
+    ("quadratic dim a string", ["FixedDimQuadraticFamily.dim = 'ten'"], None,
+     ["FixedDimQuadraticFamily.dim must be an integer >= 1", "'ten'"]),
+    ("task family None", ["sample_single_task_family.task_family = None"],
+     None, ["TaskFamily", "sample_single_task_family"]),
+    ("theta_opt None", ["GradientLearner.theta_opt = None"], None,
+     ["configurable GradientLearner"]),
+    ("initial offset negative",
+     ["VariationalEstimator.random_initial_iteration_offset = -3"], None,
+     ["HybridRPES.random_initial_iteration_offset (-3)", ">= 0",
+      "VariationalEstimator.random_initial_iteration_offset = -3"]),
+    ("max_loss 0", ["VariationalEstimator.max_loss = 0.0"], None,
+     ["HybridRPES.max_loss (0.0) must be a number > 0"]),
+    ("meta_loss_evals 0", ["VariationalEstimator.meta_loss_evals = 0"], None,
+     ["meta_loss_evals (0) must be >= 1",
+      "VariationalEstimator.meta_loss_evals = 0"]),
+    ("meta_loss_clip_mode", ["VariationalEstimator.meta_loss_clip_mode = 'x'"],
+     None, ["'per_batch'", "VariationalEstimator.meta_loss_clip_mode = 'x'"]),
+    ("es_variance_pooling", ["VariationalEstimator.es_variance_pooling = 'x'"],
+     None, ["HybridRPES.es_variance_pooling ('x')", "'coordinate'"]),
+    ("remat_chunk_threshold", ["VariationalEstimator.remat_chunk_threshold = -1"],
+     None, ["remat_chunk_threshold (-1) must be >= 0",
+            "VariationalEstimator.remat_chunk_threshold = -1"]),
+    ("remat_memory_budget_mb", [
+        "VariationalEstimator.remat_memory_budget_mb = 0"], None,
+     ["remat_memory_budget_mb (0) must be > 0"]),
+    ("sigma a string", ["VariationalEstimator.sigma = 'big'"], None,
+     ["HybridRPES.sigma must be > 0", "'big'"]),
+    ("sigma bound on the subclass", [
+        "build_gradient_estimators.gradient_estimator_fn = @HybridRPES",
+        "HybridRPES.sigma = 0"], None, ["HybridRPES.sigma must be > 0, got 0"]),
+    ("num_tasks a string", ["VariationalEstimator.num_tasks = 'eight'"], None,
+     ["HybridRPES.num_tasks ('eight') must be an integer >= 2"]),
+    ("steps_per_jit 0", ["VariationalEstimator.steps_per_jit = 0"], None,
+     ["HybridRPES.steps_per_jit (0) must be an integer >= 1"]),
+    ("unroll_length 0", ["VariationalEstimator.unroll_length = 0"], None,
+     ["HybridRPES.unroll_length (0)", "VariationalEstimator.unroll_length = 0"]),
+    ("curriculum num_iterations", [
+        CURRICULUM, "LinearTruncationCurriculum.num_iterations = 0"], None,
+     ["LinearTruncationCurriculum.num_iterations (0) must be an integer >= 1"]),
+    # run_train and the training loop.
+    ("num_steps negative", ["run_train.num_steps = -5"], None,
+     ["run_train.num_steps must be an integer >= 0", "got -5"]),
+    ("num_estimators 0", ["run_train.num_estimators = 0"], None,
+     ["run_train.num_estimators must be an integer >= 1", "got 0"]),
+    ("num_estimators a string", ["run_train.num_estimators = 'two'"], None,
+     ["run_train.num_estimators must be an integer >= 1", "'two'"]),
+    ("summary_every_n 0", ["run_train.summary_every_n = 0"], None,
+     ["run_train.summary_every_n must be an integer >= 1", "got 0"]),
+    ("num_seconds negative", ["run_train.num_seconds = -1"], None,
+     ["run_train.num_seconds must be a finite number >= 0"]),
+    ("resample frequency negative",
+     ["run_train.stochastic_resample_frequency = -1"], None,
+     ["run_train.stochastic_resample_frequency must be an integer >= 0"]),
+    ("checkpoint_every_n_steps 0",
+     ["resumable_local_train.checkpoint_every_n_steps = 0"], None,
+     ["resumable_local_train.checkpoint_every_n_steps must be an integer >= 1"]),
+    ("max_skipped_steps 0", ["resumable_local_train.max_skipped_steps = 0"],
+     None, ["resumable_local_train.max_skipped_steps must be an integer >= 1"]),
+    ("seed a string", ["resumable_local_train.seed = 'x'"], None,
+     ["resumable_local_train.seed must be an integer or None", "'x'"]),
+    ("estimators per gradient", [
+        "resumable_local_train.run_num_estimators_per_gradient = 5"], None,
+     ["resumable_local_train.run_num_estimators_per_gradient (5)",
+      "between 1 and num_estimators (1)"]),
+    ("--train_log_dir below a file", ["--train_log_dir={run}/sub/run"],
+     _a_file, ["not a directory", "is a file"]),
+    ("--heartbeat_timeout_s 0", ["--heartbeat_timeout_s=0"], None,
+     ["--heartbeat_timeout_s (0) must be >= 1"]),
     # Checkpoints.
     ("corrupt checkpoint", [], _file("checkpoint_3", GARBAGE),
      ["checkpoint_3", "can be restored"]),
@@ -164,6 +266,7 @@ def _argv(run_dir, args):
   flags = [a for a in args if a.startswith("-") or a == "extra"]
   bindings = [f"--gin_bindings={a}" for a in args if a not in flags]
   argv = ["pathology_fix.train"]
+  flags = [f.replace("{run}", str(run_dir)) for f in flags]
   if not any(a.startswith("--train_log_dir") for a in flags):
     argv.append(f"--train_log_dir={run_dir}")
   if not any(a.startswith("--config_file") for a in flags):
@@ -208,14 +311,18 @@ def test_bad_config_is_one_line_and_leaves_the_run_directory(
 
   status = train.execute(_argv(run_dir, args))
 
-  stderr = capfd.readouterr().err
+  captured = capfd.readouterr()
+  stderr = captured.err
   assert status == 2, f"{case}: status {status}\n{stderr}"
   _check_one_error_line(stderr, expected, case)
+  assert "Starting meta-training" not in captured.out, case
   assert _snapshot(run_dir) == before, f"{case}: run directory changed"
+  if before is None:
+    assert not run_dir.exists(), f"{case}: run directory left behind"
 
 
-def test_at_least_15_cases_in_every_category():
-  assert len(CASES) >= 15
+def test_at_least_50_cases():
+  assert len(CASES) >= 50
   assert len({c[0] for c in CASES}) == len(CASES)
 
 
@@ -256,3 +363,43 @@ def test_in_a_subprocess(tmp_path, case):
   assert proc.returncode == 2, cli_utils.describe(proc)
   _check_one_error_line(proc.stderr, expected, case)
   assert _snapshot(run_dir) == before
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+  """A directory nothing can be written in, root included (a read-only mount)."""
+  path = tmp_path / "read_only"
+  path.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k",
+                            "tmpfs", str(path)], capture_output=True).returncode == 0
+  if not mounted:
+    if os.geteuid() == 0:
+      pytest.skip("cannot mount a read-only tmpfs here")
+    path.chmod(0o500)
+  yield path
+  if mounted:
+    subprocess.run(["umount", str(path)], check=True)
+  else:
+    path.chmod(0o700)
+
+
+def test_unwritable_train_log_dir(read_only_dir, capfd):
+  run_dir = read_only_dir / "run"
+  status = train.execute(_argv(run_dir, []))
+  captured = capfd.readouterr()
+  assert status == 2, captured.err
+  _check_one_error_line(captured.err, [str(run_dir), "cannot write in",
+                                       str(read_only_dir)], "unwritable")
+  assert "Starting meta-training" not in captured.out
+  assert os.listdir(read_only_dir) == []
+
+
+@pytest.mark.parametrize("learning_rate", [float("nan"), -1e-3, 0.0, "fast",
+                                           True, float("inf")])
+def test_outer_learning_rate_rejected(learning_rate):
+  # NaN cannot be written in gin; the check itself must still catch it.
+  from pathology_fix.optimizers import outer_optimizer  # pylint: disable=g-import-not-at-top
+  from pathology_fix_core import errors  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.InvalidArgument) as raised:
+    outer_optimizer.paper_outer_optimizer(learning_rate=learning_rate)
+  assert raised.value.parameters == ("paper_outer_optimizer.learning_rate",)

@@ -242,3 +242,32 @@ def test_killed_process_stops_the_other_and_rerun_resumes(tmp_path):
   steps = [r["step"] for r in cli_utils.read_metrics(run_dir)]
   assert steps == list(range(1, reached + 3))
   assert len(cli_utils.event_files(run_dir)) == 2  # one per run, process 0's
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stopped", [1, 0])
+def test_stopped_process_stops_the_other_with_one_line(tmp_path, stopped):
+  # SIGSTOP keeps the stopped process's sockets open: no collective fails,
+  # only silence tells. The other must stop with our line within the
+  # heartbeat (5 s here), before JAX's own heartbeat would end it.
+  run_dir = tmp_path / "run"
+  other = 1 - stopped
+  with _processes(_cli(run_dir, portpicker.pick_unused_port(), 1000),
+                  _env()) as procs:
+    _wait_for_metrics(run_dir, 2, procs)
+    procs[stopped].send_signal(signal.SIGSTOP)
+    start = time.monotonic()
+    try:
+      _, err = procs[other].communicate(timeout=120)
+    finally:
+      procs[stopped].kill()
+    elapsed = time.monotonic() - start
+  errors = cli_utils.error_lines(err)
+  assert procs[other].returncode == 1, err[-3000:]
+  assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err[-3000:]
+  assert (f"process {other} of 2 stopped: process {stopped} has not "
+          "responded for 5 s") in errors[0]
+  assert "rerun them to resume" in errors[0]
+  # 5 s of silence, plus up to a second of polling each side, plus slack
+  # for two busy cores; JAX's own heartbeat is set to 20 s.
+  assert elapsed < 15, elapsed

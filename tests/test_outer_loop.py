@@ -175,3 +175,76 @@ def test_a_leftover_adam_binding_is_an_error_not_a_no_op():
       outer_optimizer.paper_outer_optimizer(3e-3)
   finally:
     gin.clear_config()
+
+
+class _DivergingAfter(_QuadraticEstimator):
+  """Finite for the first `good` calls, then every sample non-finite.
+
+  Like our estimators with no finite sample: NaN mean loss, exact-zero
+  gradient; `nan_grad` returns NaN gradients instead (LO's estimators).
+  """
+
+  def __init__(self, good, nan_grad=False):
+    super().__init__()
+    self.good, self.nan_grad = good, nan_grad
+
+  def compute_gradient_estimate(self, worker_weights, key, state,
+                                with_summary=False):
+    out, metrics = super().compute_gradient_estimate(worker_weights, key,
+                                                     state, with_summary)
+    if len(self.keys) <= self.good:
+      return out, metrics
+    fill = jnp.nan if self.nan_grad else 0.0
+    out = out.replace(mean_loss=jnp.asarray(jnp.nan),
+                      grad={"log_lr": jnp.full_like(out.grad["log_lr"], fill)})
+    return out, {"mean||meta_loss": jnp.asarray(jnp.nan)}
+
+
+def _without_iteration(opt_state):
+  return outer_loop._with_field(opt_state, "iteration", 0)  # pylint: disable=protected-access
+
+
+def _leaves_equal(a, b):
+  return all(np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True)
+             for x, y in zip(jax.tree_util.tree_leaves(a),
+                             jax.tree_util.tree_leaves(b)))
+
+
+@pytest.mark.parametrize("nan_grad", [False, True])
+def test_step_without_a_finite_sample_is_skipped(nan_grad):
+  # Two good steps give Adam momentum; the third has no finite sample. An
+  # applied zero gradient would still move theta through the momentum.
+  learner = _learner(0.05)
+  state = learner.init(jax.random.PRNGKey(0))
+  outs = list(outer_loop.run(learner, [_DivergingAfter(2, nan_grad)], state,
+                             4, jax.random.PRNGKey(1),
+                             unroll_key=jax.random.PRNGKey(2)))
+  assert [o.step for o in outs] == [1, 2, 3, 4]  # skipped steps still count
+  assert [o.skipped for o in outs] == [False, False, True, True]
+  assert [o.metrics[outer_loop.SKIPPED_METRIC] for o in outs] == [0, 0, 1, 1]
+  good = outs[1].learner_state.theta_opt_state
+  for out in outs[2:]:
+    skipped = out.learner_state.theta_opt_state
+    assert int(skipped.iteration) == out.step
+    assert _leaves_equal(_without_iteration(skipped), _without_iteration(good))
+  # The check above can fail: Adam's momentum moves theta on a zero gradient.
+  moved, _ = learner.update(outs[1].learner_state, [
+      gradient_learner.AggregatedGradient(
+          theta_grads={"log_lr": jnp.asarray(0.0)},
+          theta_model_state=None, mean_loss=jnp.asarray(0.0))
+  ] if hasattr(gradient_learner, "AggregatedGradient") else [
+      outs[0].worker_out.to_put.replace(
+          theta_grads={"log_lr": jnp.asarray(0.0)})], key=jax.random.PRNGKey(5))
+  assert not _leaves_equal(outer_loop.theta(learner, moved),
+                           outer_loop.theta(learner, outs[1].learner_state))
+
+
+def test_a_finite_estimator_among_non_finite_ones_is_applied():
+  learner = _learner(0.05)
+  state = learner.init(jax.random.PRNGKey(0))
+  out = next(outer_loop.run(learner, [_DivergingAfter(0), _QuadraticEstimator()],
+                            state, 1, jax.random.PRNGKey(1),
+                            unroll_key=jax.random.PRNGKey(2)))
+  assert not out.skipped
+  assert not _leaves_equal(outer_loop.theta(learner, out.learner_state),
+                           outer_loop.theta(learner, state))

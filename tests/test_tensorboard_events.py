@@ -29,6 +29,21 @@ def test_lo_jaxboard_writer_scalars_round_trip(tmp_path):
   assert scalars["family/grad_norm"] == [(1, 1.0), (2, 2.0), (3, 3.0)]
 
 
+def test_flushed_events_are_on_disk_before_close(tmp_path):
+  # What a checkpoint written right after flush() relies on: a SIGKILL then
+  # loses none of the step's events (tensorboardX's own flush leaves events
+  # queued for its writer thread).
+  writer = summary.JaxboardWriter(str(tmp_path))
+  for step in range(1, 6):
+    for i in range(20):
+      writer.scalar(f"tag{i}", float(step), step=step)
+    writer.flush()
+    scalars = cli_utils.read_scalars(tmp_path)
+    assert all(scalars[f"tag{i}"][-1] == (step, float(step))
+               for i in range(20)), step
+  writer.close()
+
+
 def test_training_summaries_match_metrics_jsonl(tmp_path):
   """The loop's writer path: same tags/values in TensorBoard and the jsonl."""
   writer = summary.JaxboardWriter(str(tmp_path))

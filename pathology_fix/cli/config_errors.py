@@ -23,6 +23,7 @@ to `HybridRPES`), or a function (`sample_digits_family.batch_size` reaches
 run_train moves every binding.
 """
 
+import re
 import tokenize
 from typing import Iterator, List, Optional
 
@@ -119,6 +120,25 @@ def _binding(configurable, parameter: str) -> Optional[str]:
   return None
 
 
+_GIN_CALL = re.compile(r"In call to configurable '([^']+)'")
+
+
+def construction_error(error: BaseException) -> Optional[str]:
+  """One line for an error gin reports from a configurable's call, else None.
+
+  While the config's objects are built, any such error is the config's: a
+  value of the wrong kind (e.g. `task_family = None`) that the callee (often
+  learned_optimization's) rejects in its own way.
+  """
+  match = _GIN_CALL.search(str(error))
+  if match is None:
+    return None
+  first = next((l.strip() for l in str(error).splitlines() if l.strip()),
+               type(error).__name__)
+  return (f"{first} (in call to configurable {match.group(1)}; check its gin "
+          "bindings)")
+
+
 def describe(error: BaseException) -> str:
   """The error's message, plus the gin bindings of the parameters it names."""
   message = getattr(error, "message", None) or one_line(error)
@@ -128,9 +148,12 @@ def describe(error: BaseException) -> str:
   for parameter in parameters:
     for configurable in configurables:
       binding = _binding(configurable, parameter)
-      if (binding and binding not in bindings and
-          binding.split(" = ")[0] not in message):
+      if binding is None:
+        continue
+      # The innermost binding is the one in effect (a subclass's wins).
+      if binding not in bindings and binding.split(" = ")[0] not in message:
         bindings.append(binding)
+      break
   if bindings:
     return f"{message} (gin: {'; '.join(bindings)})"
   named = any("." in p for p in getattr(error, "parameters", ()))

@@ -29,16 +29,19 @@ environment is a multi-process SLURM step, Open MPI launch or multi-host Cloud
 TPU, which JAX configures itself from. The estimators' samples are split over
 all processes' devices; only process 0 writes DIR. A process that dies makes
 the others stop with one `error:` line (status 1) as soon as their next
-collective fails (a silent peer: after --heartbeat_timeout_s, with JAX's own
-message); rerun all of them to resume.
+collective fails; a silent one (stopped, hung) after --heartbeat_timeout_s
+(`distributed.watch_peers`). Rerun all of them to resume.
 """
 
 import contextlib
+import functools
 import importlib
+import io
 import os
 import re
 import shutil
 import sys
+import tempfile
 import traceback
 from typing import Optional, Sequence
 
@@ -51,6 +54,7 @@ from learned_optimization import outer_train
 from learned_optimization import setup_experiment  # defines the flags
 
 from pathology_fix.cli import config_errors
+from pathology_fix.cli import lo_checks
 from pathology_fix.lo_boundary import lo_api
 from pathology_fix.runtime import checkpoints
 from pathology_fix.runtime import distributed
@@ -90,9 +94,7 @@ def _check_flags(argv):
   if not FLAGS.train_log_dir:
     raise UsageError("--train_log_dir is required (the directory for "
                      "checkpoints, summaries and metrics)")
-  if os.path.exists(FLAGS.train_log_dir) and not os.path.isdir(
-      FLAGS.train_log_dir):
-    raise UsageError(f"--train_log_dir {FLAGS.train_log_dir}: not a directory")
+  _check_writable(FLAGS.train_log_dir)
   if not FLAGS.config_file and not FLAGS.gin_bindings:
     raise UsageError("--config_file is required (a gin file configuring "
                      "run_train, e.g. gin_configs/lo_truncated_pes_quadratic.gin)")
@@ -115,12 +117,46 @@ def _check_flags(argv):
   _check_resumable(FLAGS.train_log_dir)
 
 
+def _check_writable(train_log_dir: str):
+  """The directory, or its nearest existing parent, takes new files."""
+  existing = os.path.abspath(train_log_dir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    what = ("" if existing == os.path.abspath(train_log_dir) else
+            f" ({existing} is a file)")
+    raise UsageError(f"--train_log_dir {train_log_dir}: not a directory{what}; "
+                     "pass a directory, existing or not")
+  # A file actually written: permission bits say nothing for root or a
+  # read-only mount.
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=existing)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise UsageError(f"--train_log_dir {train_log_dir}: cannot write in "
+                     f"{existing} ({e.strerror}); pass a writable "
+                     "directory") from e
+
+
+def _stop_for_silent_peer(message: str):
+  """From the watchdog thread: the main thread may be stuck in a collective."""
+  sys.stdout.flush()
+  # A leading newline ends the progress bar's line, which the stuck main
+  # thread cannot close.
+  print(f"\nerror: {message}. The checkpoints in {FLAGS.train_log_dir} are "
+        "complete: stop every process and rerun them to resume",
+        file=sys.stderr, flush=True)
+  os._exit(FAILED_EXIT_CODE)  # pylint: disable=protected-access
+
+
 def _join_processes():
   """jax.distributed set-up (before any JAX computation); see distributed.py."""
   try:
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                           FLAGS.process_id,
-                           heartbeat_timeout_s=FLAGS.heartbeat_timeout_s)
+    if distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                              FLAGS.process_id,
+                              heartbeat_timeout_s=FLAGS.heartbeat_timeout_s):
+      distributed.watch_peers(FLAGS.heartbeat_timeout_s, _stop_for_silent_peer)
   except (RuntimeError, ValueError) as e:
     raise distributed.DistributedError(
         f"cannot join the {FLAGS.num_processes or 'detected'} processes at "
@@ -236,35 +272,64 @@ def _train():
 
 
 @contextlib.contextmanager
-def _config_gin_from_primary_only():
-  """LO's run_train writes config.gin; in a multi-process run only process 0."""
-  if distributed.is_primary():
-    yield
-    return
-  file_open = outer_train.filesystem.file_open
+def _config_gin_deferred():
+  """Holds LO run_train's config.gin until the config is validated.
 
-  def open_unless_config(path, mode="r", *args, **kwargs):
+  run_train writes config.gin before it calls local_train; written then, a
+  config rejected later would leave a run directory behind. Only process 0
+  writes it in a multi-process run.
+  """
+  file_open = outer_train.filesystem.file_open
+  held = {}
+
+  def open_config_into_memory(path, mode="r", *args, **kwargs):
     if os.path.basename(path) == "config.gin" and "w" in mode:
-      return open(os.devnull, mode)  # pylint: disable=unspecified-encoding
+      held[path] = io.StringIO()
+      held[path].close = lambda: None  # read after run_train's `with`
+      return held[path]
     return file_open(path, mode, *args, **kwargs)
 
-  outer_train.filesystem.file_open = open_unless_config
+  def write_held():
+    if not distributed.is_primary():
+      return
+    for path, text in held.items():
+      os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+      checkpoints.write_atomically(path, text.getvalue().encode())
+
+  outer_train.filesystem.file_open = open_config_into_memory
   try:
-    yield
+    yield write_held
   finally:
     outer_train.filesystem.file_open = file_open
 
 
 def _run_train():
-  with lo_api.local_train_replaced_by(local_training.resumable_local_train), \
-      _config_gin_from_primary_only():
+  validated = []
+
+  def on_validated():
+    validated.append(True)
+    write_config_gin()
+
+  with _config_gin_deferred() as write_config_gin, \
+      lo_api.local_train_replaced_by(functools.partial(
+          local_training.resumable_local_train, on_validated=on_validated)):
     try:
+      lo_checks.check_bindings()
       outer_train.run_train(FLAGS.train_log_dir)
     except checkpoints.CheckpointError as e:
       raise UsageError(e.message) from e
+    except OSError as e:
+      if not os.path.exists(FLAGS.train_log_dir):
+        raise UsageError(f"--train_log_dir {FLAGS.train_log_dir}: "
+                         f"{config_errors.one_line(e)}") from e
+      raise
     except Exception as e:  # pylint: disable=broad-except
       if not config_errors.is_config_error(e):
-        raise
+        built_badly = (None if validated else
+                       config_errors.construction_error(e))
+        if built_badly is None:
+          raise
+        raise UsageError(built_badly) from e
       if config_errors.raised_by_gin(e):
         raise UsageError(f"gin config: {config_errors.one_line(e)}") from e
       raise UsageError(config_errors.describe(e)) from e
@@ -290,13 +355,18 @@ def main(argv):
     run_directory = _RunDirectory(FLAGS.train_log_dir)
     # Every process parses (and rejects a bad config by itself); process 0
     # makes the directory (and alone writes config.gin into it).
-    _parse_gin(make_dir=distributed.is_primary())
+    # The directory is made once the config is validated (_run_train).
+    _parse_gin(make_dir=False)
     distributed.barrier("pathology_fix_run_directory")
     _train()
   except UsageError as e:
     if run_directory is not None and not run_directory.trained():
       run_directory.restore()
     return _report(e)
+  except local_training.TrainingError as e:
+    sys.stdout.flush()
+    print(f"error: {e.message}", file=sys.stderr, flush=True)
+    return FAILED_EXIT_CODE
   except distributed.DistributedError as e:
     sys.stdout.flush()
     print(f"error: {e}", file=sys.stderr, flush=True)

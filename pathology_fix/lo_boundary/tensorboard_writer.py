@@ -6,7 +6,36 @@ Same interface as `flax.metrics.tensorboard.SummaryWriter` (which LO 0.0.1's
 `tensorboard --logdir DIR` works on runs made without TensorFlow installed.
 """
 
+import threading
+
 import numpy as np
+
+
+def _write_synchronously(event_file_writer):
+  """Events go to the file in the caller's thread, not a background queue.
+
+  tensorboardX queues events for a thread, and its flush() does not drain
+  that queue: a process killed right after checkpoint N could lose step N's
+  events. Written here, flush() means on disk (in the OS) before the
+  checkpoint is. Left as is if this tensorboardX is built differently.
+  """
+  records = getattr(event_file_writer, "_ev_writer", None)
+  if records is None or not hasattr(records, "write_event"):
+    return
+  lock = threading.Lock()  # the writer thread still flushes the same file
+
+  def add_event(event):
+    if not event_file_writer._closed:  # pylint: disable=protected-access
+      with lock:
+        records.write_event(event)
+
+  def flush():
+    if not event_file_writer._closed:  # pylint: disable=protected-access
+      with lock:
+        records.flush()
+
+  event_file_writer.add_event = add_event
+  event_file_writer.flush = flush
 
 
 class SummaryWriter:
@@ -21,6 +50,7 @@ class SummaryWriter:
           " pip install tensorboardX") from e
     self._writer = tensorboardX.SummaryWriter(logdir=log_dir)
     self._auto_flush = auto_flush
+    _write_synchronously(self._writer.file_writer.event_writer)
 
   def _maybe_flush(self):
     if self._auto_flush:

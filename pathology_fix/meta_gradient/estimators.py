@@ -220,6 +220,8 @@ class VariationalEstimator(gradient_learner.GradientEstimator):
     trunc_sched = given.trunc_sched if trunc_sched is None else trunc_sched
     num_tasks = given.num_tasks if num_tasks is None else num_tasks
     _require_bound(name, trunc_sched=trunc_sched, num_tasks=num_tasks)
+    _check_run_options(name, trunc_sched, random_initial_iteration_offset,
+                       max_loss)
     self.sigma = variational.validate_sigma(sigma, name=f"{name}.sigma")
     unroll_length = _resolve_unroll_length(name, unroll_length, trunc_length)
     curriculum.check_steps_per_jit(steps_per_jit, f"{name}.steps_per_jit")
@@ -435,6 +437,35 @@ def _checked_num_samples(owner: str, num_tasks, task_family,
         f"{devices} devices of the {jax.process_count()} processes to split "
         f"the samples across them (e.g. {example})", f"{owner}.num_tasks")
   return int(num_tasks)
+
+
+def _trunc_sched_lengths(trunc_sched):
+  """(binding, length) of LO's truncation schedules' inner-run lengths."""
+  for attribute in ("total_length", "min_length", "max_length"):
+    value = getattr(trunc_sched, "_" + attribute, None)
+    if value is not None:
+      yield f"{type(trunc_sched).__name__}.{attribute}", value
+
+
+def _check_run_options(name: str, trunc_sched, offset, max_loss):
+  """Values that would crash an unroll or train on nothing; checked up front."""
+  for binding, length in _trunc_sched_lengths(trunc_sched):
+    if isinstance(length, bool) or not isinstance(
+        length, (int, np.integer)) or length < 1:
+      raise errors.InvalidArgument(
+          f"{binding} ({length!r}) must be an integer >= 1: an inner run of "
+          f"{name} needs a step", binding)
+  if isinstance(offset, bool) or not isinstance(
+      offset, (int, np.integer)) or offset < 0:
+    raise errors.InvalidArgument(
+        f"{name}.random_initial_iteration_offset ({offset!r}) must be an "
+        "integer >= 0 (0: every inner run starts at step 0)",
+        f"{name}.random_initial_iteration_offset")
+  if (isinstance(max_loss, bool) or not isinstance(max_loss, (int, float)) or
+      not max_loss > 0):  # inf: no clip
+    raise errors.InvalidArgument(
+        f"{name}.max_loss ({max_loss!r}) must be a number > 0 (inf: no clip)",
+        f"{name}.max_loss")
 
 
 def _check_min_finite_samples(name: str, value) -> int:

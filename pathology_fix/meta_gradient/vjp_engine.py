@@ -231,7 +231,10 @@ class ChunkedVJP:
     branch_opt_states: None (both branches start from state.inner_opt_state)
       or leaves [2, n, ...], each branch's own start (NoiseReuseES).
     """
-    num_chunks = -(-int(per_sample_steps.max()) // self.problems.steps_per_jit)
+    # At least one chunk, also when no sample has a step left (its steps are
+    # masked): the reverse pass below needs a chunk's data.
+    num_chunks = max(
+        1, -(-int(per_sample_steps.max()) // self.problems.steps_per_jit))
     steps = self.sharding.replicate(jnp.asarray(per_sample_steps, jnp.int32))
     theta_pair, opt_states, totals = self.pair_up(theta, eps,
                                                   state.inner_opt_state)

@@ -6,6 +6,8 @@ objective and 3e-4 for the validation-loss objective (`docs/method.md` §8).
 `outer_schedule` adds learning-rate schedules on top of it.
 """
 
+import math
+import numbers
 from typing import Optional
 
 import gin
@@ -67,9 +69,12 @@ def paper_outer_optimizer(learning_rate: Optional[float] = None,
           f" {sorted(PAPER_OUTER_LEARNING_RATE)} (or set learning_rate)",
           "paper_outer_optimizer.meta_loss_split")
     learning_rate = PAPER_OUTER_LEARNING_RATE[meta_loss_split]
-  if not learning_rate > 0:
+  if (isinstance(learning_rate, bool) or
+      not isinstance(learning_rate, numbers.Real) or
+      not 0 < learning_rate < math.inf):
     raise errors.InvalidArgument(
-        f"paper_outer_optimizer.learning_rate={learning_rate!r}; must be > 0",
+        f"paper_outer_optimizer.learning_rate={learning_rate!r}; must be a "
+        "finite number > 0 (or None for the paper's)",
         "paper_outer_optimizer.learning_rate")
   return opt_base.GradientClipOptimizer(
       opt_base.Adam(learning_rate=learning_rate, beta1=PAPER_OUTER_BETA1),

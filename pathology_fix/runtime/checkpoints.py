@@ -87,11 +87,19 @@ def _fsync_dir(path: str):
 def write_atomically(path: str, data: bytes):
   """Writes `data` to `path` so that readers see the old or the new file only."""
   tmp_path = path + TMP_SUFFIX
-  with open(tmp_path, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp_path, path)
+  try:
+    with open(tmp_path, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+  except BaseException:
+    # A full disk (or a Ctrl-C) leaves no partial file behind.
+    try:
+      os.remove(tmp_path)
+    except OSError:
+      pass
+    raise
   _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 

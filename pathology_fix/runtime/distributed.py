@@ -20,7 +20,9 @@ then stop instead of waiting forever in a collective.
 """
 
 import os
-from typing import Mapping, Optional
+import threading
+import time
+from typing import Callable, Mapping, Optional
 
 import jax
 
@@ -100,7 +102,9 @@ def initialize(coordinator_address: Optional[str] = None,
   # CPU collectives across processes need gloo (harmless on GPU/TPU).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
-      heartbeat_timeout_seconds=int(heartbeat_timeout_s),
+      # JAX's own heartbeat ends the process with its fatal message; ours
+      # (`watch_peers`) fires first and says what happened in one line.
+      heartbeat_timeout_seconds=2 * int(heartbeat_timeout_s) + 10,
       initialization_timeout=int(initialization_timeout_s), **kwargs)
   return jax.process_count() > 1
 
@@ -128,3 +132,68 @@ def barrier(name: str):
 
 class DistributedError(RuntimeError):
   """The processes could not join, or one of them died during the run."""
+
+
+_BEAT_KEY = "pathology_fix/beat/{}"
+
+
+def watch_peers(timeout_s: float, on_silent_peer: Callable[[str], None],
+                period_s: float = 1.0) -> Optional[threading.Thread]:
+  """Calls on_silent_peer(message) once a process has been silent timeout_s.
+
+  Each process bumps a counter in the coordination service's key-value store
+  every period_s, from a thread, and reads the others'. A process that is
+  stopped (SIGSTOP, a hung host) keeps its sockets open, so collectives wait
+  on it forever; its counter stops. When process 0 (the store) is the one
+  stopped, the reads themselves hang: that counts as silence too. No-op
+  (None) in a single process.
+  """
+  if jax.process_count() == 1:
+    return None
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  client = jax_distributed.global_state.client
+  me, count = jax.process_index(), jax.process_count()
+  last_change = {p: time.monotonic() for p in range(count) if p != me}
+  last_seen = {}
+  progress = [time.monotonic()]  # when the store last answered
+
+  def beat():
+    beats = 0
+    while True:
+      beats += 1
+      try:
+        client.key_value_set(_BEAT_KEY.format(me), str(beats),
+                             allow_overwrite=True)
+      except Exception:  # pylint: disable=broad-except
+        progress[0] = None  # the client is shut down: the run is over
+        return
+      for peer in last_change:
+        try:
+          value = client.key_value_try_get(_BEAT_KEY.format(peer))
+        except Exception:  # pylint: disable=broad-except  # not written yet
+          value = None
+        if value != last_seen.get(peer):
+          last_seen[peer], last_change[peer] = value, time.monotonic()
+      progress[0] = time.monotonic()
+      time.sleep(period_s)
+
+  def judge():
+    while True:
+      time.sleep(period_s)
+      if progress[0] is None:
+        return
+      now = time.monotonic()
+      silent = [p for p, t in last_change.items() if now - t > timeout_s]
+      if now - progress[0] > timeout_s:
+        silent = [0] if me != 0 else silent
+      if silent:
+        on_silent_peer(
+            f"process {me} of {count} stopped: process "
+            f"{', '.join(map(str, silent))} has not responded for "
+            f"{timeout_s:g} s (--heartbeat_timeout_s); stopped or hung")
+        return
+
+  for target in (beat, judge):
+    threading.Thread(target=target, daemon=True,
+                     name=f"pathology_fix_{target.__name__}").start()
+  return None

@@ -30,12 +30,14 @@ elapsed_time is wall time: training plus validation.
 import collections
 import os
 import secrets
+import sys
 import time
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 from absl import logging
 import gin
 import jax
+import jax.numpy as jnp
 from learned_optimization.learned_optimizers import base as lopt_base
 from learned_optimization.outer_trainers import gradient_learner
 import numpy as onp
@@ -107,6 +109,8 @@ def resumable_local_train(
     worker_id: int = 0,
     meta_validation: Optional[meta_validation_lib.MetaValidation] = None,
     theta_ema: Optional[theta_averaging.ThetaEMA] = None,
+    max_skipped_steps: int = 10,
+    on_validated: Optional[Callable[[], None]] = None,
 ) -> int:
   """Meta-trains `lopt` in one process, resuming from train_log_dir if possible.
 
@@ -121,19 +125,16 @@ def resumable_local_train(
     num_estimators: number of gradient estimators to meta-train with.
     summary_every_n: compute the estimators' (slower) metrics every n steps.
     num_steps: total outer steps, counting those of earlier runs.
-    num_seconds: stop after this much training time (0: no limit), counting
-      earlier runs.
+    num_seconds: training time limit, earlier runs included (0: no limit).
     stochastic_resample_frequency: resample an estimator with probability
       1 / this each step (0: never).
     checkpoint_every_n_steps: save a checkpoint every n outer steps (and at the
       end, and on Ctrl-C).
     keep: how many checkpoints (and params) to keep; params_0, the starting
       theta, is kept as well.
-    seed: fixes all randomness (JAX keys and LO's global numpy draws) for a
-      reproducible run; None draws one and prints it. Keys are derived from
-      the outer step, so a resumed run draws what the uninterrupted run would
-      have; its estimators' inner problems restart, though (LO's checkpoint
-      format holds no estimator state).
+    seed: fixes all randomness (JAX keys, LO's global numpy draws); None
+      draws one and prints it. A resumed run draws what the uninterrupted one
+      would (but its estimators' inner problems restart).
     sample_estimators_fn: builds the estimators (LO main's run_train passes
       its `sample_estimator_fn`); None: LO's `build_gradient_estimators`.
     run_num_estimators_per_gradient: estimators run per outer step, cycling
@@ -143,41 +144,39 @@ def resumable_local_train(
       and keep params_best (module docstring); None: no meta-validation.
     theta_ema: the EMA of theta, saved as params_ema; None: ThetaEMA()'s
       defaults when meta_validation is on, else no averaging.
+    max_skipped_steps: stop after this many steps in a row with no finite sample.
+    on_validated: called once all is built and checked, before the run
+      directory is made (the CLI writes config.gin then).
 
   Returns:
     The outer step reached.
   """
-  _reject_overridden_bindings(
+  _check_arguments(
       num_estimators=num_estimators, summary_every_n=summary_every_n,
       num_steps=num_steps, num_seconds=num_seconds,
-      stochastic_resample_frequency=stochastic_resample_frequency)
-  if checkpoint_every_n_steps < 1:
-    raise errors.InvalidArgument(
-        "checkpoint_every_n_steps must be >= 1", "checkpoint_every_n_steps")
-  if keep < 1:
-    raise errors.InvalidArgument("keep must be >= 1", "keep")
+      stochastic_resample_frequency=stochastic_resample_frequency,
+      checkpoint_every_n_steps=checkpoint_every_n_steps, keep=keep,
+      max_skipped_steps=max_skipped_steps, seed=seed)
   selection = _Selection.create(meta_validation, theta_ema, lopt,
                                 outer_learner, train_log_dir)
   groups = estimator_groups(num_estimators, run_num_estimators_per_gradient)
-  os.makedirs(train_log_dir, exist_ok=True)
   seed = _resolve_seed(seed)
   logging.info("Seed: %d", seed)
   init_key, estimators_key, base_key = jax.random.split(
       jax.random.PRNGKey(seed), 3)
-  progress = _start(train_log_dir, outer_learner, keep, init_key, seed,
-                    num_steps, selection)
+  # Built (so validated) before the run directory exists: nothing left behind.
+  gradient_estimators = lo_api.build_gradient_estimators(
+      sample_estimators_fn, lopt, estimators_key, num_estimators,
+      worker_id=worker_id)
+  progress, metrics_log, summary_writer = _open_run(
+      train_log_dir, outer_learner, keep, init_key, seed, num_steps,
+      on_validated, selection)
   start_step = progress.step
-  metrics_log, summary_writer = summaries.open_summaries(
-      train_log_dir, outer_learner, progress.learner_state,
-      restored=progress.restored_path is not None)
 
   stop_reason = "num_steps reached"
   pbar = None
   try:
     if start_step < num_steps:
-      gradient_estimators = lo_api.build_gradient_estimators(
-          sample_estimators_fn, lopt, estimators_key, num_estimators,
-          worker_id=worker_id)
       steps = outer_loop.run(
           outer_learner, gradient_estimators, progress.learner_state,
           num_steps, base_key,
@@ -186,30 +185,119 @@ def resumable_local_train(
           stochastic_resample_frequency=stochastic_resample_frequency,
           estimator_groups=groups,
           sample_estimators_fn=sample_estimators_fn, worker_id=worker_id)
-      pbar = tqdm.tqdm(total=num_steps, initial=start_step,
-                       desc="outer steps", unit="step", dynamic_ncols=True,
-                       disable=not distributed.is_primary())
+      pbar = _progress_bar(num_steps, start_step)
       if _log_steps(steps, progress, pbar, metrics_log, summary_writer,
-                    checkpoint_every_n_steps, num_seconds, num_steps):
+                    checkpoint_every_n_steps, num_seconds, num_steps,
+                    max_skipped_steps):
         stop_reason = f"num_seconds={num_seconds} reached"
   except KeyboardInterrupt:
     stop_reason = "interrupted"
     raise
+  except OSError as e:
+    stop_reason = None
+    raise _write_error(train_log_dir, e, progress.intact()) from e
   except Exception:
     stop_reason = None  # the traceback says enough
     raise
   finally:
     if pbar is not None:
       pbar.close()
-    # Also on Ctrl-C: progress only ever holds a completed update.
-    if progress.step != progress.last_saved_step:
-      progress.save()
-    metrics_log.close()
-    summaries.close_writer(summary_writer)
+    try:
+      # Also on Ctrl-C: progress only ever holds a completed update.
+      if progress.step != progress.last_saved_step:
+        progress.save()
+    finally:
+      _close_quietly(metrics_log, summary_writer)
     if stop_reason and distributed.is_primary():
       _print_outputs(train_log_dir, progress.step, num_steps, start_step,
                      stop_reason, selection)
   return progress.step
+
+
+def _close_quietly(metrics_log, summary_writer):
+  """Closes both; on a full disk, an error here would hide the first one."""
+  try:
+    metrics_log.close()
+  except OSError as e:
+    logging.warning("Could not close %s: %s", checkpoints.METRICS_FILE, e)
+  summaries.close_writer(summary_writer)
+
+
+def _check_arguments(seed, **loop_arguments):
+  """All of resumable_local_train's checks that need nothing built."""
+  _reject_overridden_bindings(**{
+      k: loop_arguments[k] for k in (
+          "num_estimators", "summary_every_n", "num_steps", "num_seconds",
+          "stochastic_resample_frequency")})
+  check_loop_arguments(**loop_arguments)
+  if seed is not None and (isinstance(seed, bool) or
+                           not isinstance(seed, (int, onp.integer))):
+    raise errors.InvalidArgument(
+        f"resumable_local_train.seed must be an integer or None (drawn), got "
+        f"{seed!r}", "resumable_local_train.seed")
+
+
+def _write_error(train_log_dir: str, e: OSError, intact: str):
+  return TrainingError(
+      f"cannot write in {train_log_dir}: {e.strerror or e}"
+      f"{f' ({e.filename})' if e.filename else ''}. "
+      f"{intact}; rerun the same command to resume")
+
+
+def _progress_bar(num_steps: int, start_step: int):
+  return tqdm.tqdm(total=num_steps, initial=start_step, desc="outer steps",
+                   unit="step", dynamic_ncols=True,
+                   disable=not distributed.is_primary())
+
+
+def _open_run(train_log_dir, outer_learner, keep, init_key, seed, num_steps,
+              on_validated, selection):
+  """(progress, metrics log, summary writer) in a directory made only now."""
+  try:
+    if on_validated is not None:
+      on_validated()
+    os.makedirs(train_log_dir, exist_ok=True)
+    progress = _start(train_log_dir, outer_learner, keep, init_key, seed,
+                      num_steps, selection)
+    metrics_log, summary_writer = summaries.open_summaries(
+        train_log_dir, outer_learner, progress.learner_state,
+        restored=progress.restored_path is not None)
+  except OSError as e:  # e.g. a full disk: nothing trained yet
+    raise TrainingError(
+        f"cannot write in {train_log_dir}: {e.strerror or e}"
+        f"{f' ({e.filename})' if e.filename else ''}; rerun the same command "
+        "once it can be written") from e
+  return progress, metrics_log, summary_writer
+
+
+def _check_int(name: str, value, minimum: int, meaning: str = ""):
+  if isinstance(value, bool) or not isinstance(value, (int, onp.integer)) or (
+      value < minimum):
+    raise errors.InvalidArgument(
+        f"run_train.{name} must be an integer >= {minimum}{meaning}, got "
+        f"{value!r}", f"run_train.{name}")
+
+
+def check_loop_arguments(num_estimators, summary_every_n, num_steps,
+                         num_seconds, stochastic_resample_frequency,
+                         checkpoint_every_n_steps, keep, max_skipped_steps):
+  """Raises InvalidArgument for values that would train nothing or crash."""
+  _check_int("num_estimators", num_estimators, 1)
+  _check_int("summary_every_n", summary_every_n, 1)
+  _check_int("num_steps", num_steps, 0, " (0 only saves the start)")
+  _check_int("stochastic_resample_frequency", stochastic_resample_frequency,
+             0, " (0: never resample)")
+  if isinstance(num_seconds, bool) or not isinstance(
+      num_seconds, (int, float)) or not 0 <= num_seconds < float("inf"):
+    raise errors.InvalidArgument(
+        "run_train.num_seconds must be a finite number >= 0 (0: no limit), "
+        f"got {num_seconds!r}", "run_train.num_seconds")
+  for name, value in (("checkpoint_every_n_steps", checkpoint_every_n_steps),
+                      ("keep", keep), ("max_skipped_steps", max_skipped_steps)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise errors.InvalidArgument(
+          f"resumable_local_train.{name} must be an integer >= 1, got "
+          f"{value!r}", f"resumable_local_train.{name}")
 
 
 def _reject_overridden_bindings(**received):
@@ -281,27 +369,70 @@ class _Progress:
     return int(self.learner_state.theta_opt_state.iteration)
 
   def save(self):
+    theta = lo_api.get_meta_params(self.outer_learner, self.learner_state)
+    if not all(bool(jnp.all(jnp.isfinite(x)))
+               for x in jax.tree_util.tree_leaves(theta)):
+      # Never overwrite good checkpoints with a theta no run can continue.
+      raise TrainingError(
+          f"theta is not finite at outer step {self.step}; not checkpointed. "
+          f"The last checkpoint in {self.train_log_dir} is intact")
     if not distributed.is_primary():
       self.last_saved_step = self.step
       return
     if self.selection is not None:
       self.selection.save(self.step, self.keep)
-    checkpoints.save_checkpoint(
-        self.train_log_dir, self.outer_learner,
-        gradient_learner.OptCheckpoint(
-            self.learner_state,
-            elapsed_time=onp.asarray(self.elapsed_time, onp.float64),
-            total_inner_steps=int(self.total_inner_steps)), self.keep)
+    try:
+      checkpoints.save_checkpoint(
+          self.train_log_dir, self.outer_learner,
+          gradient_learner.OptCheckpoint(
+              self.learner_state,
+              elapsed_time=onp.asarray(self.elapsed_time, onp.float64),
+              total_inner_steps=int(self.total_inner_steps)), self.keep)
+    except OSError as e:
+      raise TrainingError(
+          f"cannot write checkpoint {self.step} in {self.train_log_dir}: "
+          f"{e.strerror or e}. {self.intact()}; free space and rerun the "
+          "same command to resume") from e
     self.last_saved_step = self.step
+
+  def intact(self) -> str:
+    """Which checkpoint a failed write left intact, as a sentence."""
+    steps = checkpoints.checkpoint_steps(self.train_log_dir)
+    if not steps:
+      return "No checkpoint was written"
+    return (f"The last checkpoint, {checkpoints.CHECKPOINT_PREFIX}{steps[-1]},"
+            " is intact")
+
+
+class TrainingError(Exception):
+  """Training cannot go on (e.g. no finite sample for many steps in a row).
+
+  `message` is the message alone (gin appends to str(error)).
+  """
+
+  def __init__(self, message: str):
+    super().__init__(message)
+    self.message = message
 
 
 def _log_steps(steps, progress: _Progress, pbar, metrics_log, summary_writer,
                checkpoint_every_n_steps: int, num_seconds: float,
-               num_steps: int) -> bool:
+               num_steps: int, max_skipped_steps: int = 10) -> bool:
   """Logs and checkpoints each outer step; True if stopped by num_seconds."""
   worker_ids = collections.deque(maxlen=10)
   step_start = time.time()
+  skipped_in_a_row, warned = 0, False
   for out in steps:
+    if out.skipped:
+      skipped_in_a_row += 1
+      if not warned and distributed.is_primary():
+        pbar.write(f"warning: outer step {out.step} skipped: no sample of any "
+                   "estimator was finite (theta and the outer optimizer kept; "
+                   "'skipped' in metrics.jsonl counts such steps)",
+                   file=sys.stderr)
+        warned = True
+    else:
+      skipped_in_a_row = 0
     now = time.time()
     delta_time = max(now - step_start, 1e-9)
     step_start = now
@@ -327,7 +458,17 @@ def _log_steps(steps, progress: _Progress, pbar, metrics_log, summary_writer,
     progress.elapsed_time += delta_time + validation_seconds
     pbar.set_postfix(meta_loss=f"{out.mean_loss:.4g}", refresh=False)
     pbar.update(progress.step - pbar.n)
+    if skipped_in_a_row >= max_skipped_steps:
+      raise TrainingError(
+          f"{skipped_in_a_row} outer steps in a row (up to step "
+          f"{progress.step}) had no finite sample: the inner problems "
+          "diverge. The checkpoints hold the last good theta; lower the "
+          "learning rates or VariationalEstimator.max_loss, or raise "
+          "resumable_local_train.max_skipped_steps")
     if progress.step % checkpoint_every_n_steps == 0:
+      # Checkpoint N implies step N's events are on disk (written in this
+      # thread, see tensorboard_writer): a kill now loses none of them.
+      getattr(summary_writer, "flush", lambda: None)()
       progress.save()
     if num_seconds and progress.elapsed_time > num_seconds:
       return True

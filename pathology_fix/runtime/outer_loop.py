@@ -6,7 +6,10 @@ One outer step, as LO's single-process `outer_train.local_train` does it:
      returns a gradient estimate of the meta-loss with respect to theta
      (`gradient_learner.gradient_worker_compute` averages them);
   2. the GradientLearner applies its outer optimizer to that gradient
-     (`GradientLearner.update`; one worker, so nothing to aggregate);
+     (`GradientLearner.update`; one worker, so nothing to aggregate), unless
+     no sample of any estimator was finite: then only the step count moves
+     (theta and the optimizer's moments stay) and the step is reported as
+     skipped (`SKIPPED_METRIC`, see `has_finite_sample`);
   3. an estimator is replaced by a freshly sampled one with probability
      1 / stochastic_resample_frequency (`maybe_resample_gradient_estimators`,
      which samples from the gin-configured task families; 0 turns it off).
@@ -79,6 +82,65 @@ class OuterStep:
   def mean_loss(self) -> float:
     return float(self.worker_out.to_put.mean_loss)
 
+  @property
+  def skipped(self) -> bool:
+    """Whether no sample was finite, so theta and the optimizer did not move."""
+    return bool(self.learner_metrics.get(SKIPPED_METRIC, 0.0))
+
+
+# 1.0 on a step whose update was skipped (see `no_finite_sample`), else 0.0.
+SKIPPED_METRIC = "mean||skipped"
+
+
+def has_finite_sample(estimator_out) -> bool:
+  """Whether an estimate carries anything: a finite loss or gradient entry.
+
+  With no finite sample our estimators return a NaN mean loss and an exact
+  zero gradient; LO's return NaNs, which its worker then zeroes (and sets
+  the mean loss to 20), so this is checked on each estimator's own output.
+  """
+  if bool(jnp.isfinite(estimator_out.mean_loss)):
+    return True
+  return any(bool(jnp.any(jnp.isfinite(g) & (g != 0)))
+             for g in jax.tree_util.tree_leaves(estimator_out.grad))
+
+
+class _Watched:
+  """An estimator whose estimates are checked by `has_finite_sample`."""
+
+  def __init__(self, estimator):
+    self._estimator = estimator
+    self.had_finite_sample = False
+
+  def compute_gradient_estimate(self, *args, **kwargs):
+    out, metrics = self._estimator.compute_gradient_estimate(*args, **kwargs)
+    self.had_finite_sample |= has_finite_sample(out)
+    return out, metrics
+
+  def __getattr__(self, name):
+    return getattr(self._estimator, name)
+
+
+def skipped_update(before: gradient_learner.GradientLearnerState,
+                   after: gradient_learner.GradientLearnerState
+                   ) -> gradient_learner.GradientLearnerState:
+  """`before` with only the step count of `after`: theta and momentum kept.
+
+  Adam's moments would otherwise move theta on a zero gradient.
+  """
+  opt_state = _with_field(before.theta_opt_state, "iteration",
+                          after.theta_opt_state.iteration)
+  return _with_field(before, "theta_opt_state", opt_state)
+
+
+def _with_field(state, name, value):
+  """A copy of a NamedTuple or (flax) dataclass state with one field set."""
+  if hasattr(state, "_replace"):
+    return state._replace(**{name: value})
+  if hasattr(state, "replace"):
+    return state.replace(**{name: value})
+  return dataclasses.replace(state, **{name: value})
+
 
 def init_unroll_states(outer_learner: gradient_learner.GradientLearner,
                        learner_state: gradient_learner.GradientLearnerState,
@@ -129,15 +191,20 @@ def outer_step(outer_learner: gradient_learner.GradientLearner,
                      f"{stochastic_resample_frequency}) needs it")
   worker_weights = outer_learner.get_state_for_worker(learner_state)
   group = range(len(gradient_estimators)) if group is None else group
+  watched = [_Watched(gradient_estimators[i]) for i in group]
   worker_out = gradient_learner.gradient_worker_compute(
-      worker_weights, [gradient_estimators[i] for i in group],
-      [unroll_states[i] for i in group], keys.worker, with_metrics)
+      worker_weights, watched, [unroll_states[i] for i in group], keys.worker,
+      with_metrics)
   unroll_states = list(unroll_states)
   for i, state in zip(group, worker_out.unroll_states):
     unroll_states[i] = state
   next_state, learner_metrics = outer_learner.update(
       learner_state, [worker_out.to_put], with_metrics=with_metrics,
       key=keys.learner)
+  skipped = not any(w.had_finite_sample for w in watched)
+  if skipped:
+    next_state = skipped_update(learner_state, next_state)
+  learner_metrics = {**learner_metrics, SKIPPED_METRIC: float(skipped)}
   estimators_out, states_out = lo_api.maybe_resample_gradient_estimators(
       sample_estimators_fn, lopt, gradient_estimators, unroll_states,
       worker_weights=worker_weights, key=keys.resample,

@@ -84,7 +84,7 @@ class Discard:
   def write(self, *args, **kwargs):
     pass
 
-  scalar = histogram = text = close = write
+  scalar = histogram = text = close = flush = write
 
 
 def step_summary(out: outer_loop.OuterStep,
