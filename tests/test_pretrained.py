@@ -20,7 +20,8 @@ from pathology_fix import pretrained
 SHIPPED = "mlp_lopt_demo_fmnist8"
 # Every shipped optimizer: its class and its held-out tasks' batch size.
 ALL_SHIPPED = {"mlp_lopt_demo_fmnist8": ("MLPLOpt", 64),
-               "nnadam_fmnist8": ("NNAdam", 128)}
+               "nnadam_fmnist8": ("NNAdam", 128),
+               "progress_fmnist8": ("ProgressAdam", 128)}
 every_shipped = pytest.mark.parametrize("name", sorted(ALL_SHIPPED))
 NUM_STEPS = 100
 
