@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -118,18 +117,8 @@ def _measure(args, num_processes: int, tmp: str) -> list:
           f"--processes={num_processes}"]
   if num_processes > 1:
     base.append(f"--coordinator=127.0.0.1:{portpicker.pick_unused_port()}")
-  procs = [subprocess.Popen(base + [f"--process_id={i}"], cwd=common.REPO,
-                            env=_worker_env(args.gpus, i))
-           for i in range(num_processes)]
-  try:
-    for p in procs:
-      if p.wait(timeout=TIMEOUT_S):
-        raise RuntimeError(f"worker exited with status {p.returncode}")
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+  common.run_processes(base, num_processes,
+                       lambda i: _worker_env(args.gpus, i), TIMEOUT_S)
   per_process = []
   for i in range(num_processes):
     with open(f"{out}.{i}") as f:

@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -141,17 +140,7 @@ def _measure(args, tmp: str) -> list:
   if args.processes > 1:
     base.append(f"--coordinator=127.0.0.1:{portpicker.pick_unused_port()}")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  procs = [subprocess.Popen(base + [f"--process_id={i}"], cwd=common.REPO,
-                            env=env) for i in range(args.processes)]
-  try:
-    for p in procs:
-      if p.wait(timeout=TIMEOUT_S):
-        raise RuntimeError(f"worker exited with status {p.returncode}")
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+  common.run_processes(base, args.processes, lambda i: env, TIMEOUT_S)
   with open(f"{out}.0") as f:
     return json.load(f)
 

@@ -9,8 +9,9 @@ import json
 import math
 import os
 import pathlib
+import subprocess
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import pathology_fix  # noqa: F401  (compat layer before any LO import)
 
@@ -79,3 +80,23 @@ def pyplot():
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   return plt
+
+
+def run_processes(command: Sequence[str], num_processes: int,
+                  env_of: Callable[[int], Mapping[str, str]],
+                  timeout_s: float):
+  """Runs `command --process_id=i` for every i at once, from the repository.
+
+  Raises if one exits non-zero or outlives timeout_s; the others are killed.
+  """
+  procs = [subprocess.Popen(list(command) + [f"--process_id={i}"], cwd=REPO,
+                            env=dict(env_of(i))) for i in range(num_processes)]
+  try:
+    for p in procs:
+      if p.wait(timeout=timeout_s):
+        raise RuntimeError(f"worker exited with status {p.returncode}")
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
